@@ -1,0 +1,7 @@
+"""lightning-gns: the gradient noise scale of a PyTorch Lightning run, measured while it trains."""
+
+from lightning_gns.metric import GradientNoiseScale
+
+__version__ = "0.1.0"
+
+__all__ = ["GradientNoiseScale", "__version__"]
