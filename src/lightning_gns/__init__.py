@@ -1,7 +1,8 @@
 """lightning-gns: the gradient noise scale of a PyTorch Lightning run, measured while it trains."""
 
+from lightning_gns.callbacks.noise_scale_monitor import NoiseScaleMonitor
 from lightning_gns.metric import GradientNoiseScale
 
 __version__ = "0.1.0"
 
-__all__ = ["GradientNoiseScale", "__version__"]
+__all__ = ["GradientNoiseScale", "NoiseScaleMonitor", "__version__"]

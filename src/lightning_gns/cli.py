@@ -1,9 +1,11 @@
-"""The ``lightning-gns`` command line."""
+"""The ``lightning-gns`` command line: ``lightning-gns demo`` trains the bundled tasks with the monitor."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lightning_gns import __version__
 
@@ -12,15 +14,62 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one sub-command per job."""
     parser = argparse.ArgumentParser(prog="lightning-gns", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lightning-gns {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = commands.add_parser("demo", help="train the bundled tasks (digits MLP, character LM) with the monitor")
+    demo.add_argument("--task", choices=("digits", "charlm", "all"), default="all")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the logs go (default: runs/demo)")
+    demo.add_argument("--max-steps", type=int, default=None, help="optimizer steps per task (default: per task)")
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress-bar", action="store_true")
     return parser
+
+
+_DEFAULT_STEPS = {"digits": 1500, "charlm": 400}
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from lightning_gns.demo.runner import TASKS, format_result, run_task
+    except ImportError as err:  # scikit-learn is the demo's only extra need
+        print(
+            f"The demo needs the `demo` extra ({err.name} is missing): pip install 'lightning-gns[demo]'",
+            file=sys.stderr,
+        )
+        return 1
+    if args.max_steps is not None and args.max_steps < 1:
+        print(f"--max-steps must be >= 1, got {args.max_steps}", file=sys.stderr)
+        return 2
+    tasks = TASKS if args.task == "all" else (args.task,)
+    reports = []
+    for task in tasks:
+        result = run_task(
+            task,
+            out_dir=args.out,
+            max_steps=args.max_steps or _DEFAULT_STEPS[task],
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress_bar=not args.no_progress_bar,
+        )
+        reports.append(format_result(result))
+    print("\n".join(reports))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    return 0
+    if args.command == "demo":
+        return _demo(args)
+    parser.print_help()
+    return 2
+
+
+def run() -> None:
+    """Console-script wrapper: exit with :func:`main`'s code."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,391 @@
+r"""``NoiseScaleMonitor``: the gradient noise scale of a Lightning run, logged while it trains."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+from lightning_gns.functional.noise_scale import _check_confidence
+from lightning_gns.functional.smoothing import NoiseScaleEMA, ema_compute, ema_init, ema_update
+from lightning_gns.metric import GradientNoiseScale
+from lightning_gns.sources.accumulation import AccumulationSource
+from lightning_gns.sources.base import GradientSource, StepNorms, average_over_ranks
+from lightning_gns.sources.ddp import DDPSource
+
+SourceName = Literal["auto", "ddp", "accumulation", "per_example"]
+_SOURCES = ("auto", "ddp", "accumulation", "per_example")
+
+#: Steps' worth of examples (at the first step's batch size) that the moving average remembers by default.
+DEFAULT_HORIZON_STEPS = 50
+
+
+class NoiseScaleMonitor(Callback):
+    r"""Measure and log the gradient noise scale :math:`B_{simple} = \operatorname{tr}(\Sigma)/|G|^2` while training.
+
+    Add it to a ``Trainer`` and every optimizer step feeds one pair of squared gradient norms, taken at a small
+    and a big batch size, into a bias-corrected moving average (horizon in examples) and into a
+    :class:`~lightning_gns.GradientNoiseScale` metric over the whole run. The norms come from a *source*:
+
+    ================  ============================  ===============================  ==========================
+    source            B_small                       B_big                            needs
+    ================  ============================  ===============================  ==========================
+    ``ddp``           per-rank batch × accumulation  world size × that                 ≥ 2 DDP processes
+    ``accumulation``  micro-batch                   micro-batch × accumulation × world  accumulate_grad_batches ≥ 2
+    ``per_example``   1                             the batch (× accumulation × world)  any run
+    ================  ============================  ===============================  ==========================
+
+    ``"auto"`` takes the first that the run supports, in that order (the cheapest first), and says which.
+    Norms are read before gradient clipping, after AMP's loss scale is taken out; steps whose gradients are not
+    finite are skipped and counted.
+
+    Logged every ``log_every_n_steps`` (the Trainer's by default), under ``log_key_prefix`` (default ``gns/``):
+
+    ========================  ===================================================================
+    key                       value
+    ========================  ===================================================================
+    ``b_simple``              smoothed tr Σ / smoothed |G|²; NaN while undefined (|G|² ≤ 0)
+    ``b_simple_lower/upper``  its ``confidence`` interval (Fieller); upper is inf while |G|² is unresolved
+    ``b_simple_std``          delta-method standard error
+    ``trace_sigma``           smoothed estimate of tr Σ
+    ``grad_sq_norm``          smoothed estimate of |G|²
+    ``b_crit``                suggested batch size: ``b_crit_factor`` × B_simple (B_simple has been measured
+                              1.4–5× above the critical batch size of a sweep; lower the factor to be cautious)
+    ``batch_size``            the step's big batch (examples per optimizer step, all ranks)
+    ``num_skipped``           steps left out so far because their gradients were not finite
+    ========================  ===================================================================
+
+    With a :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes a custom-scalars layout showing
+    B_simple inside its band, and |G|² with tr Σ.
+
+    Args:
+        source: where the two gradient norms come from; see the table.
+        horizon_examples: time constant of the moving average, in examples. ``None``: 50 steps' worth at the
+            first step's batch size (kept fixed afterwards, so a growing batch keeps the same history).
+        confidence: coverage of the logged interval.
+        log_every_n_steps: logging period in optimizer steps; ``None`` uses the Trainer's.
+        log_key_prefix: prefix of every logged key.
+        prog_bar: also show B_simple in the progress bar.
+        b_crit_factor: ``b_crit`` = this × B_simple.
+        per_example_include: with the ``per_example`` source, measure only these module types (for example
+            ``(nn.LayerNorm,)``, the cheapest signal that tracks the whole model); ``None`` measures all.
+
+    Raises:
+        MisconfigurationException: for an unknown source or invalid option, and at ``setup`` when the run cannot
+            support the chosen source (the message says what to change).
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_gns import NoiseScaleMonitor
+        >>> trainer = Trainer(callbacks=[NoiseScaleMonitor()], logger=False, enable_progress_bar=False)
+    """
+
+    def __init__(
+        self,
+        source: SourceName = "auto",
+        horizon_examples: float | None = None,
+        confidence: float = 0.9,
+        log_every_n_steps: int | None = None,
+        log_key_prefix: str = "gns/",
+        prog_bar: bool = False,
+        b_crit_factor: float = 1.0,
+        per_example_include: tuple[type[torch.nn.Module], ...] | None = None,
+    ) -> None:
+        if source not in _SOURCES:
+            raise MisconfigurationException(f"Expected `source` to be one of {_SOURCES}, but got {source!r}.")
+        if horizon_examples is not None and not horizon_examples > 0:
+            raise MisconfigurationException(
+                f"Expected `horizon_examples` > 0 (examples of history), or None for 50 steps' worth; got "
+                f"{horizon_examples!r}."
+            )
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise MisconfigurationException(f"Expected `log_every_n_steps` >= 1, got {log_every_n_steps!r}.")
+        if not b_crit_factor > 0:
+            raise MisconfigurationException(f"Expected `b_crit_factor` > 0, got {b_crit_factor!r}.")
+        try:
+            _check_confidence(confidence)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
+        self.source_name: SourceName = source
+        self.horizon_examples = horizon_examples
+        self.confidence = confidence
+        self.log_every_n_steps = log_every_n_steps
+        self.log_key_prefix = log_key_prefix
+        self.prog_bar = prog_bar
+        self.b_crit_factor = b_crit_factor
+        self.per_example_include = per_example_include
+
+        self.metric = GradientNoiseScale(confidence=confidence, sync_on_compute=False)
+        self._source: GradientSource | None = None
+        self._ema: NoiseScaleEMA | None = None
+        self._num_skipped = torch.zeros(())
+        self._last_batch_big: Tensor | None = None
+        self._batch_examples = 0
+        self._comm_hook_registered_by_lightning = False
+        self._pending: list[StepNorms] = []
+        self._world_size = 1
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(source=self.source_name, log_key_prefix=self.log_key_prefix)
+
+    @property
+    def source(self) -> GradientSource | None:
+        """The gradient source in use (resolved at ``setup``)."""
+        return self._source
+
+    @property
+    def estimates(self) -> Mapping[str, Tensor]:
+        """The latest smoothed estimates (the logged quantities, as tensors), read-only; empty before a step."""
+        if self._ema is None:
+            return MappingProxyType({})
+        out = ema_compute(self._ema, self.confidence)
+        out["b_crit"] = out["b_simple"] * self.b_crit_factor
+        if self._last_batch_big is not None:
+            out["batch_size"] = self._last_batch_big
+        return MappingProxyType(out)
+
+    # -- wiring ---------------------------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        # Fresh state tensors: `ddp_spawn` pickles the callback into shared memory, where in-place updates of one
+        # rank would be seen by all.
+        self.metric.reset()
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                "NoiseScaleMonitor supports automatic optimization only: with manual optimization the steps and "
+                "backward passes of each optimizer are yours to define. Set `self.automatic_optimization = True`, "
+                "or feed `lightning_gns.GradientNoiseScale` yourself."
+            )
+        strategy = trainer.strategy
+        if not isinstance(strategy, DDPStrategy | SingleDeviceStrategy):
+            raise MisconfigurationException(
+                f"NoiseScaleMonitor supports single-device and DDP strategies, not {type(strategy).__name__}: "
+                "sharded gradients would give a partial norm. Use `strategy='ddp'`."
+            )
+        world = self._world_size = trainer.world_size
+        accumulate = trainer.accumulate_grad_batches
+        name = self._resolve_source(world, accumulate)
+        if self.source_name == "auto":
+            rank_zero_info(
+                f"NoiseScaleMonitor: using the `{name}` gradient source (world size {world}, "
+                f"accumulate_grad_batches {accumulate})."
+            )
+        self._source = self._build_source(name, trainer, world, accumulate)
+        if not isinstance(self._source, DDPSource):
+            self._source.attach(pl_module)
+
+    def _resolve_source(self, world: int, accumulate: int) -> str:
+        if self.source_name == "ddp" and world < 2:
+            raise MisconfigurationException(
+                f"source='ddp' needs at least 2 processes, but this run has world size {world}. Train with "
+                "`strategy='ddp', devices=2` (or more), or pick source='accumulation' (with "
+                "accumulate_grad_batches >= 2) or source='per_example'."
+            )
+        if self.source_name == "accumulation" and accumulate < 2:
+            raise MisconfigurationException(
+                f"source='accumulation' needs `Trainer(accumulate_grad_batches=...)` >= 2, but it is {accumulate}. "
+                "Raise it, or pick source='per_example' (any run) or source='ddp' (2+ processes)."
+            )
+        if self.source_name != "auto":
+            return self.source_name
+        if world >= 2:
+            return "ddp"
+        if accumulate >= 2:
+            return "accumulation"
+        return "per_example"
+
+    def _build_source(self, name: str, trainer: pl.Trainer, world: int, accumulate: int) -> GradientSource:
+        if name == "accumulation":
+            return AccumulationSource(loss_divisor=accumulate, world_size=world)
+        if name == "per_example":
+            from lightning_gns.sources.per_example import PerExampleSource
+
+            return PerExampleSource(loss_divisor=accumulate, world_size=world, include=self.per_example_include)
+        strategy = trainer.strategy
+        if not isinstance(strategy, DDPStrategy):
+            raise MisconfigurationException("source='ddp' needs a DDP strategy: `Trainer(strategy='ddp', ...)`.")
+        # Lightning registers `_ddp_comm_hook` itself on CUDA only; compose with what the user set there.
+        inner = strategy._ddp_comm_hook
+        if inner is not None and strategy._ddp_comm_wrapper is not None:
+            inner = strategy._ddp_comm_wrapper(inner)
+        source = DDPSource(world_size=world, loss_divisor=accumulate, inner_hook=inner)
+        strategy._ddp_comm_hook = source.comm_hook
+        strategy._ddp_comm_wrapper = None
+        self._comm_hook_registered_by_lightning = strategy.root_device.type == "cuda"
+        return source
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(self._source, DDPSource):
+            self._source.attach(pl_module)
+            strategy = trainer.strategy
+            if not self._comm_hook_registered_by_lightning and isinstance(strategy, DDPStrategy):
+                ddp_model = strategy.model
+                assert isinstance(ddp_model, DistributedDataParallel)  # DDPStrategy.setup wrapped it
+                ddp_model.register_comm_hook(strategy._ddp_comm_state, self._source.comm_hook)
+        if not trainer.loggers:
+            rank_zero_warn(
+                "NoiseScaleMonitor has no logger to write to; the estimates are still available in "
+                "`monitor.estimates`. Pass a logger to the Trainer to see the curves.",
+                category=RuntimeWarning,
+            )
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars(self._tensorboard_layout())
+
+    def _tensorboard_layout(self) -> dict[str, dict[str, list[Any]]]:
+        key = self.log_key_prefix
+        return {
+            "gradient noise scale": {
+                "B_simple (with its band)": [
+                    "Margin",
+                    [f"{key}b_simple", f"{key}b_simple_lower", f"{key}b_simple_upper"],
+                ],
+                "B_crit suggestion and batch size": ["Multiline", [f"{key}b_crit", f"{key}batch_size"]],
+                "|G|² and tr(Σ)": ["Multiline", [f"{key}grad_sq_norm", f"{key}trace_sigma"]],
+            }
+        }
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush(trainer.world_size)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._source is not None:
+            self._source.detach()
+
+    # -- per step -------------------------------------------------------------------------------------------------
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_examples = extract_batch_size(batch)
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._source is not None:
+            self._source.micro_batch_done(self._batch_examples)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._source is None:
+            return
+        self._pending.append(self._source.step_norms(grad_scale=_loss_scale(trainer)))
+        # Under DDP the rank-local halves of the estimates are averaged over ranks in one all-reduce per logging
+        # period rather than one per step (a per-step collective cost 10-20% of a small model's step on gloo).
+        # Every rank takes the same steps, so every rank reaches the collective together.
+        if trainer.world_size == 1 or self._should_log(trainer):
+            self._flush(trainer.world_size)
+        if self._should_log(trainer):
+            self._log(trainer, pl_module)
+
+    def _flush(self, world_size: int) -> None:
+        """Fold the pending steps, averaged over ranks, into the moving average and the metric."""
+        steps, self._pending = average_over_ranks(self._pending, world_size), []
+        for norms in steps:
+            self._fold(norms)
+
+    def _fold(self, norms: StepNorms) -> None:
+        if self.horizon_examples is None:
+            # Fixed once, from the first step: a batch size that grows later keeps the same history in examples.
+            self.horizon_examples = DEFAULT_HORIZON_STEPS * float(norms.batch_big)  # one host sync, once per run
+        device = norms.sq_norm_big.device
+        if self._ema is None:
+            self._ema = ema_init(dtype=torch.float32, device=device)
+        if self._ema.weight.device != device:  # first step, or first step after a restore
+            self._ema = NoiseScaleEMA(*(t.to(device) for t in self._ema))
+            self._num_skipped = self._num_skipped.to(device)
+            self.metric.to(device)
+        self._ema, skipped = ema_update(
+            self._ema,
+            norms.sq_norm_small,
+            norms.sq_norm_big,
+            norms.batch_small,
+            norms.batch_big,
+            horizon=self.horizon_examples,
+            elapsed=norms.batch_big,
+        )
+        self.metric.update(norms.sq_norm_small, norms.sq_norm_big, norms.batch_small, norms.batch_big)
+        self._last_batch_big = norms.batch_big
+        self._num_skipped = self._num_skipped + skipped
+
+    def _should_log(self, trainer: pl.Trainer) -> bool:
+        # Lightning sets `Trainer.log_every_n_steps` at run time, hence unknown to type checkers.
+        every = self.log_every_n_steps or trainer.log_every_n_steps  # type: ignore[attr-defined]
+        return (trainer.global_step + 1) % every == 0
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        estimates = self.estimates
+        keys = (
+            "b_simple",
+            "b_simple_lower",
+            "b_simple_upper",
+            "b_simple_std",
+            "trace_sigma",
+            "grad_sq_norm",
+            "b_crit",
+            "batch_size",
+        )
+        # The only host sync of the monitor, once per logging period.
+        values = torch.stack([estimates[k].float() for k in keys] + [self._num_skipped.float()]).tolist()
+        metrics = {f"{self.log_key_prefix}{k}": v for k, v in zip((*keys, "num_skipped"), values, strict=True)}
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if self.prog_bar:
+            pl_module.log(
+                f"{self.log_key_prefix}b_simple", metrics[f"{self.log_key_prefix}b_simple"], prog_bar=True, logger=False
+            )
+
+    # -- checkpointing --------------------------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # Checkpoints are written with every rank taking part (Lightning requires it), so this collective is met.
+        self._flush(self._world_size)
+        return {
+            "horizon_examples": self.horizon_examples,
+            "ema": None if self._ema is None else {k: v.detach().cpu() for k, v in self._ema._asdict().items()},
+            "metric": {name: getattr(self.metric, name).detach().cpu() for name in self.metric._defaults},
+            "num_skipped": self._num_skipped.detach().cpu(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.horizon_examples = state_dict["horizon_examples"]
+        ema = state_dict["ema"]
+        self._ema = None if ema is None else NoiseScaleEMA(**ema)
+        for name, value in state_dict["metric"].items():
+            setattr(self.metric, name, value.clone())
+        self._num_skipped = state_dict["num_skipped"].clone()
+
+
+def _loss_scale(trainer: pl.Trainer) -> Tensor | None:
+    """The GradScaler's current scale as a tensor (no sync), or None when gradients are not scaled."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    # `_scale` is the tensor behind `get_scale()`, which would sync with the host.
+    return scaler._scale

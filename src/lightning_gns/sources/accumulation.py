@@ -1,0 +1,86 @@
+"""The ``accumulation`` source: each micro-batch's fresh gradient against the accumulated one."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_gns.sources.base import GradientSource, StepNorms, _trainable, global_grad_sq_norm
+
+__all__ = ["AccumulationSource"]
+
+
+class AccumulationSource(GradientSource):
+    """Micro-batch gradients (B_small) against the gradient accumulated over the step (B_big).
+
+    A tensor hook on every trainable parameter sees the micro-batch's gradient before it is added into
+    ``.grad`` (a difference of ``.grad`` snapshots would be wrong under DDP's ``no_sync``) and keeps only its
+    norm: no parameter-sized buffer. Under DDP the hooks see the rank's local gradient, the accumulated ``.grad``
+    is the all-reduced one, and the micro-batch norms are averaged over ranks: B_big is then the global batch.
+
+    Frameworks divide the loss by the number of accumulation steps (Lightning does): ``loss_divisor`` undoes it.
+
+    Args:
+        loss_divisor: what each micro-batch's loss was divided by (Lightning: ``accumulate_grad_batches``).
+        world_size: number of data-parallel ranks.
+    """
+
+    name = "accumulation"
+
+    def __init__(self, loss_divisor: int, world_size: int = 1) -> None:
+        super().__init__(world_size)
+        if loss_divisor < 1:
+            raise ValueError(f"Expected `loss_divisor` >= 1 (accumulate_grad_batches), got {loss_divisor}.")
+        self.loss_divisor = loss_divisor
+        self._handles: list[RemovableHandle] = []
+        self._params: list[nn.Parameter] = []
+        self._micro_parts: list[Tensor] = []
+        self._micro_total: Tensor | None = None
+        self._num_micro = 0
+        self._examples = 0
+
+    def attach(self, model: nn.Module) -> None:
+        """Hook every trainable parameter of ``model``."""
+        super().attach(model)
+        self._params = _trainable(model)
+        self._handles = [p.register_hook(self._on_grad) for p in self._params]
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        super().detach()
+
+    def _on_grad(self, grad: Tensor) -> None:
+        # Only the norm is kept: the gradient itself flows on into `.grad` untouched.
+        self._micro_parts.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
+
+    def micro_batch_done(self, num_examples: int) -> None:
+        """Fold the finished micro-batch's squared norm into the step's sum."""
+        if not self._micro_parts:
+            return
+        sq_norm = torch.stack(self._micro_parts).pow(2).sum()
+        self._micro_parts = []
+        self._micro_total = sq_norm if self._micro_total is None else self._micro_total + sq_norm
+        self._num_micro += 1
+        self._examples += num_examples
+
+    def step_norms(self, grad_scale: Tensor | None = None) -> StepNorms:
+        """This rank's micro-batch norms (averaged over its micro-batches) and the accumulated gradient's norm."""
+        if self._micro_total is None or self._num_micro == 0:
+            raise RuntimeError("No backward pass was seen since the last optimizer step.")
+        # Each micro-batch's gradient carries 1/loss_divisor; `.grad` carries num_micro/loss_divisor of a mean.
+        micro_mean = self._micro_total * self.loss_divisor**2 / self._num_micro
+        if grad_scale is not None:
+            micro_mean = micro_mean / grad_scale.float() ** 2
+        big = global_grad_sq_norm(self._params).to(micro_mean.device) * (self.loss_divisor / self._num_micro) ** 2
+        examples, num_micro = float(self._examples), self._num_micro
+        self._micro_total, self._num_micro, self._examples = None, 0, 0
+        return StepNorms(
+            micro_mean,
+            big,
+            torch.full_like(big, examples / num_micro),
+            torch.full_like(big, examples * self.world_size),
+        )

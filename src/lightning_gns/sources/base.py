@@ -1,0 +1,99 @@
+"""What every gradient source shares: the per-step result, the protocol, and the cross-rank average."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["GradientSource", "StepNorms", "average_over_ranks", "global_grad_sq_norm"]
+
+
+class StepNorms(NamedTuple):
+    """One optimizer step's squared norms of the gradient averaged over a small and a big batch.
+
+    As a source returns it, ``sq_norm_small`` and ``batch_small`` are this rank's (averaged over its small
+    batches: micro-batches or examples) and ``batch_big`` is this rank's examples × world size; ``sq_norm_big`` is
+    the all-reduced gradient's, the same on every rank. :func:`average_over_ranks` turns a run of steps into the
+    global values (the small norms of all ranks averaged, which is what makes the estimate precise) with one
+    collective for the whole run. Everything is a tensor on the gradients' device.
+    """
+
+    sq_norm_small: Tensor
+    sq_norm_big: Tensor
+    batch_small: Tensor
+    batch_big: Tensor
+
+
+def global_grad_sq_norm(params: Iterable[nn.Parameter]) -> Tensor:
+    """Squared norm of the ``.grad`` of ``params`` (float32 accumulation, one fused kernel per dtype group)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    return torch.stack([n.float() for n in norms]).pow(2).sum()
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class GradientSource(abc.ABC):
+    """Where the small- and the big-batch gradient of a step come from.
+
+    A source is attached to the model before training, told when each micro-batch's backward is done, and asked
+    once per optimizer step for a :class:`StepNorms`, after all backward passes of the step (and the gradient
+    all-reduce) and before gradient clipping. Sources know nothing of Lightning: the callback wires them.
+
+    Args:
+        world_size: number of data-parallel ranks.
+    """
+
+    name: str = "source"
+
+    def __init__(self, world_size: int = 1) -> None:
+        self.world_size = world_size
+        self._model: nn.Module | None = None
+
+    def attach(self, model: nn.Module) -> None:
+        """Start watching ``model`` (the module whose parameters the optimizer steps)."""
+        if self._model is not None:
+            raise RuntimeError(f"The {self.name} source is already attached; call `detach()` first.")
+        self._model = model
+
+    def detach(self) -> None:
+        """Stop watching and remove every hook; safe to call twice."""
+        self._model = None
+
+    @abc.abstractmethod
+    def micro_batch_done(self, num_examples: int) -> None:
+        """Called after each backward pass (one micro-batch of ``num_examples`` examples on this rank)."""
+
+    @abc.abstractmethod
+    def step_norms(self, grad_scale: Tensor | None = None) -> StepNorms:
+        """The squared norms of this optimizer step; resets the per-step accumulators.
+
+        Args:
+            grad_scale: the loss scale the gradients still carry (AMP with a GradScaler, before unscaling of the
+                quantities the source captured itself), or ``None``.
+        """
+
+
+def average_over_ranks(steps: list[StepNorms], world_size: int) -> list[StepNorms]:
+    """The rank-local parts of several steps averaged over ranks, in one all-reduce.
+
+    Every rank must call it at the same point with the same number of steps (the callback does so at logging
+    steps, which all ranks share): it is a collective. With one rank it returns ``steps`` unchanged.
+    """
+    if world_size == 1 or not steps or not (dist.is_available() and dist.is_initialized()):
+        return steps
+    local = torch.stack([torch.stack([s.sq_norm_small, s.batch_small, s.batch_big]) for s in steps])
+    dist.all_reduce(local)
+    local /= world_size
+    return [
+        StepNorms(row[0], step.sq_norm_big, row[1], row[2]) for row, step in zip(local.unbind(), steps, strict=True)
+    ]

@@ -1,0 +1,81 @@
+"""The ``ddp`` source: each rank's gradient against the all-reduced one, read inside the DDP comm hook."""
+
+# No `from __future__ import annotations`: DDP checks the comm hook's annotations as real objects.
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+from lightning_gns.sources.base import GradientSource, StepNorms, _trainable, global_grad_sq_norm
+
+__all__ = ["DDPSource"]
+
+CommHook = Callable[[Any, dist.GradBucket], "torch.futures.Future[torch.Tensor]"]
+
+
+class DDPSource(GradientSource):
+    """A rank's local gradient (B_small = per-rank batch) against the all-reduced one (B_big = world × that).
+
+    The local squared norm of every gradient bucket is taken in a DDP communication hook, just before the
+    all-reduce, which then runs as before (the user's own hook if there was one, else DDP's default): no copy of
+    any gradient, no extra pass. The all-reduced norm is read from ``.grad`` at the optimizer step. The local
+    norms are averaged over ranks later, many steps in one all-reduce (:func:`average_over_ranks`).
+
+    With gradient accumulation the hook fires once per step on the accumulated local gradient, so B_small is
+    the rank's whole share of the step; the loss divisor cancels out except on a short last window, which
+    ``loss_divisor`` corrects.
+
+    Args:
+        world_size: number of data-parallel ranks (at least 2).
+        loss_divisor: what each micro-batch's loss was divided by (Lightning: ``accumulate_grad_batches``).
+        inner_hook: the communication hook to compose with (the user's), or ``None`` for DDP's all-reduce.
+    """
+
+    name = "ddp"
+
+    def __init__(self, world_size: int, loss_divisor: int = 1, inner_hook: CommHook | None = None) -> None:
+        if world_size < 2:
+            raise ValueError(f"The ddp source needs at least 2 ranks, got world_size={world_size}.")
+        super().__init__(world_size)
+        self.loss_divisor = loss_divisor
+        self.inner_hook = inner_hook
+        self._params: list[nn.Parameter] = []
+        self._bucket_norms: list[Tensor] = []
+        self._num_micro = 0
+        self._examples = 0
+
+    def attach(self, model: nn.Module) -> None:
+        """Remember the parameters; the comm hook itself is registered by whoever owns the DDP wrapper."""
+        super().attach(model)
+        self._params = _trainable(model)
+
+    def comm_hook(self, state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        """DDP communication hook: note the bucket's local norm, then all-reduce as the inner hook does."""
+        self._bucket_norms.append(torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32))
+        if self.inner_hook is not None:
+            return self.inner_hook(state, bucket)
+        return allreduce_hook(state, bucket)  # type: ignore[arg-type]  # None is the default process group
+
+    def micro_batch_done(self, num_examples: int) -> None:
+        """Count the examples of this rank's step."""
+        self._num_micro += 1
+        self._examples += num_examples
+
+    def step_norms(self, grad_scale: Tensor | None = None) -> StepNorms:
+        """This rank's local norm and the all-reduced gradient's norm."""
+        if not self._bucket_norms:
+            raise RuntimeError(
+                "The DDP communication hook saw no gradient bucket this step: is the model wrapped in "
+                "DistributedDataParallel and the hook registered?"
+            )
+        correction = (self.loss_divisor / self._num_micro) ** 2
+        local = torch.stack(self._bucket_norms).pow(2).sum() * correction
+        if grad_scale is not None:
+            local = local / grad_scale.float() ** 2
+        big = global_grad_sq_norm(self._params).to(local.device) * correction
+        examples = float(self._examples)
+        self._bucket_norms, self._num_micro, self._examples = [], 0, 0
+        return StepNorms(local, big, torch.full_like(big, examples), torch.full_like(big, examples * self.world_size))

@@ -1,0 +1,89 @@
+"""The ``per_example`` source: every example's gradient norm (B_small = 1) against the batch's (B_big)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gns.sources.base import GradientSource, StepNorms, _trainable, global_grad_sq_norm
+from lightning_gns.sources.per_example_norms import PerExampleGradNorms
+
+__all__ = ["PerExampleSource"]
+
+
+class PerExampleSource(GradientSource):
+    r"""Per-example gradient squared norms from layer hooks against the step's accumulated gradient.
+
+    Works on one device with no accumulation, which is where most runs start. The loss is taken to be a mean over
+    the micro-batch's examples (the default of every torch loss), divided by ``loss_divisor`` for accumulation:
+    the hooks see :math:`g_i/(N \cdot \text{loss\_divisor})`, which is undone here. With ``include`` only those
+    module types are measured, and the big-batch norm is restricted to their parameters so that both norms
+    describe the same gradient.
+
+    Args:
+        loss_divisor: what each micro-batch's loss was divided by (Lightning: ``accumulate_grad_batches``).
+        world_size: number of data-parallel ranks.
+        include: module types to measure, or ``None`` for the whole model.
+        strict: raise instead of warning when a module needs the slow fallback or escapes the hooks.
+    """
+
+    name = "per_example"
+
+    def __init__(
+        self,
+        loss_divisor: int = 1,
+        world_size: int = 1,
+        include: Sequence[type[nn.Module]] | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__(world_size)
+        self.loss_divisor = loss_divisor
+        self.include = include
+        self.strict = strict
+        self._engine: PerExampleGradNorms | None = None
+        self._params: list[nn.Parameter] = []
+        self._sum_sq: Tensor | None = None
+        self._examples = 0
+        self._num_micro = 0
+
+    def attach(self, model: nn.Module) -> None:
+        """Hook the measured modules of ``model``."""
+        super().attach(model)
+        self._engine = PerExampleGradNorms(model, include=self.include, strict=self.strict).attach()
+        if self.include is None:
+            self._params = _trainable(model)
+        else:
+            measured = [m for m in model.modules() if isinstance(m, tuple(self.include))]
+            self._params = list({id(p): p for m in measured for p in m.parameters() if p.requires_grad}.values())
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        if self._engine is not None:
+            self._engine.remove()
+            self._engine = None
+        super().detach()
+
+    def micro_batch_done(self, num_examples: int) -> None:
+        """Fold the micro-batch's per-example norms (undoing the mean over its examples) into the step."""
+        if self._engine is None:
+            return
+        for record in self._engine.pop():
+            n = record.batch_size
+            total = record.sq_norms.float().sum() * (n * self.loss_divisor) ** 2
+            self._sum_sq = total if self._sum_sq is None else self._sum_sq + total
+            self._examples += n
+            self._num_micro += 1
+
+    def step_norms(self, grad_scale: Tensor | None = None) -> StepNorms:
+        """Mean per-example squared norm over this rank's examples, and the batch gradient's norm."""
+        if self._sum_sq is None or self._examples == 0:
+            raise RuntimeError("No per-example norms were recorded since the last optimizer step.")
+        mean_sq = self._sum_sq / self._examples
+        if grad_scale is not None:
+            mean_sq = mean_sq / grad_scale.float() ** 2
+        big = global_grad_sq_norm(self._params).to(mean_sq.device) * (self.loss_divisor / self._num_micro) ** 2
+        examples = float(self._examples)
+        self._sum_sq, self._examples, self._num_micro = None, 0, 0
+        return StepNorms(mean_sq, big, torch.ones_like(big), torch.full_like(big, examples * self.world_size))

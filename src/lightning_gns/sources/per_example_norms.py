@@ -1,0 +1,740 @@
+"""Per-example squared gradient norms from layer hooks: the engine behind the ``per_example`` source.
+
+:class:`PerExampleGradNorms` hooks the modules of a model that own trainable parameters.
+A forward hook keeps each call's inputs (in the engine, never on the module) and hangs a
+hook on the call's output tensor; when the gradient of that output arrives in backward,
+the module's norm rule (:mod:`lightning_gns.sources.rules`) turns inputs and output
+gradient into ``[N]`` squared per-example norms, and a callback at the end of the
+backward pass sums them into one record. Nothing syncs with the device.
+
+What is measured as one unit:
+
+- a module with a norm rule, with all trainable parameters of its subtree;
+- :class:`torch.nn.MultiheadAttention`, which multiplies with ``out_proj.weight`` without
+  calling ``out_proj`` (hooks on ``out_proj`` would never fire): its rule covers all its
+  parameters, and its forward runs under a capture that keeps the attention internals, so
+  that no recomputation is needed (:mod:`~lightning_gns.sources.rules.attention`);
+- any other module that owns trainable parameters directly: the :mod:`torch.func` fallback
+  (:mod:`~lightning_gns.sources.rules.fallback`) for those parameters only, its children
+  being measured on their own.
+
+A module called several times in one backward pass (weight sharing), and modules that
+share a parameter (tied weights), have per-example gradients that are *sums* over calls:
+their squared norm is not the sum of the calls' squared norms. The engine notices both
+(calls still waiting for their gradient when one arrives; parameters owned by two units)
+and materialises those units' per-example gradients with the fallback, sums them over
+calls and squares once. Every parameter that receives a gradient must belong to a unit
+that measured it; one that does not is named in a warning (an error with ``strict=True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.hooks import RemovableHandle
+
+from lightning_gns.sources.rules.attention import (
+    CapturedAttention,
+    MultiheadAttentionCapture,
+    multihead_attention_sq_norm,
+)
+from lightning_gns.sources.rules.fallback import BatchLayout, batch_layout, per_example_grads, sq_norm_of_grads
+from lightning_gns.sources.rules.normalization import batch_norm_coupling_error, batch_norm_uses_batch_statistics
+from lightning_gns.sources.rules.registry import CallRule, NormRule, get_call_rule, get_norm_rule
+
+__all__ = ["NormRuleFallbackWarning", "PerExampleGradNorms", "SqNormRecord", "UnmeasuredParameterWarning"]
+
+_ROOT_NAME = "(root)"
+# Modules that use their children's parameters without calling the children.
+_WHOLE_UNIT_TYPES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+
+class NormRuleFallbackWarning(UserWarning):
+    """A module type has no norm rule and is measured by the slower :mod:`torch.func` fallback."""
+
+
+class UnmeasuredParameterWarning(RuntimeWarning):
+    """A parameter received a gradient that no per-example hook measured: the norms miss it."""
+
+
+@dataclass(frozen=True)
+class SqNormRecord:
+    """The per-example squared gradient norms of one backward pass.
+
+    Attributes:
+        sq_norms: ``[N]``, summed over the measured modules.
+        by_module: ``{qualified name: [N]}`` for each measured unit that received a gradient;
+            tied units are keyed by their names joined with ``+``.
+        unmeasured: names of parameters that received a gradient no hook measured.
+    """
+
+    sq_norms: Tensor
+    by_module: dict[str, Tensor]
+    unmeasured: tuple[str, ...] = ()
+
+    @property
+    def batch_size(self) -> int:
+        """The number of examples ``N``."""
+        return int(self.sq_norms.shape[0])
+
+
+@dataclass(eq=False)
+class _Unit:
+    name: str
+    module: nn.Module
+    params: dict[str, nn.Parameter]
+    rule: NormRule | None
+    call_rule: CallRule | None = None
+    group: _Group | None = None
+
+
+@dataclass(eq=False)
+class _Group:
+    """Units that share parameters (one unit, unless weights are tied)."""
+
+    name: str
+    units: list[_Unit]
+    params: list[nn.Parameter]
+    tied: bool
+    # Calls whose output gradient has not arrived yet. Weak, so a forward whose graph is
+    # dropped without a backward is forgotten with it.
+    pending: weakref.WeakSet[_Call] = field(default_factory=weakref.WeakSet)
+
+
+class _Call:
+    """One forward call of a unit, kept until its output gradient arrives."""
+
+    __slots__ = ("__weakref__", "args", "autocast", "captured", "generation", "kwargs", "num_outputs", "unit")
+
+    def __init__(
+        self,
+        unit: _Unit,
+        args: tuple[Any, ...] | None,
+        kwargs: dict[str, Any] | None,
+        num_outputs: int,
+        autocast: tuple[str, bool, torch.dtype],
+        generation: int,
+    ) -> None:
+        self.unit = unit
+        self.args = args
+        self.kwargs = kwargs
+        self.num_outputs = num_outputs
+        self.autocast = autocast
+        self.generation = generation
+        # Set when the forward ran under a capture (MultiheadAttention): the gradients that arrive
+        # are then those of the output and of the captured projections.
+        self.captured: CapturedAttention | None = None
+
+
+class PerExampleGradNorms:
+    r"""Per-example squared gradient norms of a model, measured by hooks during its backward passes.
+
+    For a loss :math:`L = \sum_i \ell_i` the record holds :math:`|g_i|^2 = |\nabla_\theta \ell_i|^2`
+    for every example :math:`i` of the batch (dim 0 of every input). Norms are of the
+    gradients that flow: a mean-reduced loss gives :math:`|g_i|^2 / N^2`, a loss divided by
+    an accumulation factor or multiplied by an AMP loss scale gives those factors squared;
+    undoing them is the caller's job. Nothing is synced to the host.
+
+    Every backward pass appends one :class:`SqNormRecord`: the examples of different
+    backward passes (e.g. the micro-batches of gradient accumulation) are different
+    examples and are never summed together. Within one backward pass, all calls of the
+    hooked modules are taken to see the same ``N`` examples. Read the latest with
+    :meth:`sq_norms` / :meth:`sq_norms_by_module`, or take all with :meth:`pop`, which also
+    frees them (records pile up until popped or :meth:`reset`).
+
+    Args:
+        model: the model to measure. Attach after freezing parameters: frozen ones are
+            skipped.
+        include: measure only modules that are instances of these types (e.g.
+            ``[nn.LayerNorm]``, the cheap signal); no other module is hooked, except a module
+            whose weights are tied to a selected one. Submodules of a unit measured as a
+            whole (``out_proj`` inside ``nn.MultiheadAttention``) go with their unit. ``None``
+            measures every trainable parameter and checks that none is missed.
+        strict: raise instead of warning when a module needs the :mod:`torch.func`
+            fallback (at :meth:`attach`) or a parameter's gradient escapes the hooks
+            (after a backward pass).
+
+    Raises:
+        TypeError: if ``include`` holds something that is not an ``nn.Module`` subclass.
+
+    Limitations: inputs must be batch-first (except ``nn.MultiheadAttention``, whose
+    ``batch_first`` flag is honoured); a module fed ``[N·T, K]`` after flattening sees
+    tokens as examples (an inconsistent ``N`` across modules raises); the fallback cannot
+    replay random ops (dropout in training mode inside the replayed module, not elsewhere)
+    and raises then; a graph kept with
+    ``retain_graph=True`` is measured by its first backward pass only (a second one reports
+    the parameters as unmeasured); gradient penalties (``create_graph=True``) add
+    second-order terms no hook sees (warned); reentrant activation checkpointing is not
+    supported (its modules are reported as unmeasured), non-reentrant is.
+
+    Example::
+
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        >>> x = torch.randn(5, 3)
+        >>> with PerExampleGradNorms(model) as norms:
+        ...     model(x).sum().backward()
+        >>> norms.sq_norms().shape
+        torch.Size([5])
+        >>> exact = [sum(g.square().sum() for g in torch.autograd.grad(model(x[i : i + 1]).sum(), model.parameters()))
+        ...          for i in range(5)]
+        >>> torch.allclose(norms.sq_norms(), torch.stack(exact))
+        True
+        >>> sorted(norms.sq_norms_by_module())
+        ['0', '2']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        include: Sequence[type[nn.Module]] | None = None,
+        strict: bool = False,
+    ) -> None:
+        if include is not None:
+            bad = [cls for cls in include if not (isinstance(cls, type) and issubclass(cls, nn.Module))]
+            if bad:
+                raise TypeError(f"Expected `include` to hold nn.Module subclasses, but got {bad!r}.")
+        self.model = model
+        self.include: tuple[type[nn.Module], ...] | None = tuple(include) if include is not None else None
+        self.strict = strict
+        self._units: list[_Unit] = []
+        self._groups: list[_Group] = []
+        self._param_names: dict[int, str] = {}
+        self._handles: list[RemovableHandle] = []
+        self._captures: dict[int, list[MultiheadAttentionCapture | None]] = {}
+        self._attached = False
+        self._generation = 0
+        self._replaying = False
+        self._records: list[SqNormRecord] = []
+        self._warned_unmeasured: set[tuple[str, ...]] = set()
+        self._warned_double_backward = False
+        # State of the backward pass in progress.
+        self._task_id: int | None = None
+        self._eager: dict[_Group, Tensor] = {}
+        self._stash: dict[_Group, list[tuple[_Call, tuple[Tensor | None, ...]]]] = {}
+        self._received: set[int] = set()
+        self._fired: list[_Call] = []
+
+    # ------------------------------------------------------------------ attach / remove
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are in place."""
+        return self._attached
+
+    @property
+    def measured_modules(self) -> list[str]:
+        """Qualified names of the hooked units (tied units joined with ``+``), in model order."""
+        return [group.name for group in self._groups]
+
+    @property
+    def measured_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose gradients the hooks measure (each once), in model order; set by :meth:`attach`."""
+        return [p for group in self._groups for p in group.params]
+
+    def attach(self) -> PerExampleGradNorms:
+        """Register the hooks.
+
+        Returns:
+            ``self``, so that ``norms = PerExampleGradNorms(model).attach()`` works.
+
+        Raises:
+            RuntimeError: if the hooks are already attached.
+            TypeError: with ``strict=True``, if a module needs the :mod:`torch.func` fallback.
+        """
+        if self._attached:
+            raise RuntimeError(
+                "PerExampleGradNorms is already attached to the model; call `remove()` before attaching again."
+            )
+        groups = self._group_units(self._find_units())
+        if self.include is not None:
+            # A tied partner of a selected module comes along: the shared parameter's gradient is their sum.
+            groups = [g for g in groups if any(isinstance(u.module, self.include) for u in g.units)]
+        units = [unit for group in groups for unit in group.units]
+        fallbacks: dict[type[nn.Module], str] = {}
+        for unit in units:
+            if unit.rule is None and unit.call_rule is None:
+                fallbacks.setdefault(type(unit.module), unit.name)
+        for cls, name in fallbacks.items():
+            message = (
+                f"No per-example norm rule for {cls.__name__} (first at `{name}`): its per-example gradients are "
+                "materialised by the slower torch.func fallback. Register a rule with "
+                f"`@lightning_gns.sources.rules.register_norm_rule({cls.__name__})`, or leave the type out with "
+                "`include=`."
+            )
+            if self.strict:
+                raise TypeError(message + " (`strict=True` turns this warning into an error.)")
+            warnings.warn(message, NormRuleFallbackWarning, stacklevel=2)
+        self._units = units
+        self._groups = groups
+        self._generation += 1
+        self._reset_backward_state()
+        self._captures = {}
+        for unit in units:
+            if _captures_forward(unit):
+                self._captures[id(unit)] = []
+                self._handles.append(
+                    unit.module.register_forward_pre_hook(partial(self._start_capture, unit), with_kwargs=True)
+                )
+            self._handles.append(
+                # always_call: a capture opened before the forward must be closed even if the forward raises.
+                unit.module.register_forward_hook(
+                    partial(self._on_forward, unit), with_kwargs=True, always_call=id(unit) in self._captures
+                )
+            )
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        measured = {id(p): p for unit in units for p in unit.params.values()}
+        if self.include is None:
+            measured.update({id(p): p for p in self.model.parameters() if p.requires_grad})
+        self._param_names = {pid: names.get(pid, "?") for pid in measured}
+        for pid, param in measured.items():
+            self._handles.append(param.register_hook(partial(self._on_param_grad, pid)))
+        for name, module in self.model.named_modules():
+            if isinstance(module, _BatchNorm):
+                self._handles.append(module.register_forward_pre_hook(partial(self._check_batch_norm, name)))
+        self._attached = True
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook this engine registered; records stay readable. Safe to call twice."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._attached = False
+        self._reset_backward_state()
+
+    def __enter__(self) -> PerExampleGradNorms:
+        return self.attach()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.remove()
+
+    def _find_units(self) -> list[_Unit]:
+        units: list[_Unit] = []
+        seen: set[int] = set()
+
+        def visit(name: str, module: nn.Module) -> None:
+            if id(module) in seen:
+                return
+            seen.add(id(module))
+            rule = get_norm_rule(module)
+            call_rule = get_call_rule(module) if rule is None else None
+            if rule is not None or call_rule is not None or isinstance(module, _WHOLE_UNIT_TYPES):
+                params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+                if params:
+                    units.append(_Unit(name or _ROOT_NAME, module, params, rule, call_rule))
+                return
+            direct = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if direct:
+                units.append(_Unit(name or _ROOT_NAME, module, direct, None))
+            for child_name, child in module.named_children():
+                visit(f"{name}.{child_name}" if name else child_name, child)
+
+        visit("", self.model)
+        return units
+
+    @staticmethod
+    def _group_units(units: list[_Unit]) -> list[_Group]:
+        # Union-find over shared parameters: tied weights make one group.
+        parent = list(range(len(units)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        owner: dict[int, int] = {}
+        for index, unit in enumerate(units):
+            for param in unit.params.values():
+                if id(param) in owner:
+                    parent[find(index)] = find(owner[id(param)])
+                else:
+                    owner[id(param)] = index
+        members: dict[int, list[_Unit]] = {}
+        for index, unit in enumerate(units):
+            members.setdefault(find(index), []).append(unit)
+        groups = []
+        for group_units in members.values():
+            params = list({id(p): p for unit in group_units for p in unit.params.values()}.values())
+            group = _Group("+".join(u.name for u in group_units), group_units, params, tied=len(group_units) > 1)
+            for unit in group_units:
+                unit.group = group
+            groups.append(group)
+        return groups
+
+    # ------------------------------------------------------------------ hooks
+
+    @staticmethod
+    def _in_backward() -> bool:
+        return torch._C._current_graph_task_id() != -1
+
+    def _check_batch_norm(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._replaying or not torch.is_grad_enabled() or not isinstance(module, _BatchNorm):
+            return
+        if not batch_norm_uses_batch_statistics(module):
+            return
+        carries_grad = any(p.requires_grad for p in module.parameters()) or any(
+            isinstance(a, Tensor) and a.requires_grad for a in args
+        )
+        if carries_grad:
+            raise batch_norm_coupling_error(name, module)
+
+    def _recording(self) -> bool:
+        # Not recorded: no graph, our own replays, and recomputation inside backward (checkpointing).
+        return not self._replaying and torch.is_grad_enabled() and not self._in_backward()
+
+    def _start_capture(self, unit: _Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        capture = None
+        if self._recording() and isinstance(module, nn.MultiheadAttention):
+            capture = MultiheadAttentionCapture(module)
+            capture.__enter__()
+        self._captures[id(unit)].append(capture)
+
+    def _on_forward(
+        self, unit: _Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        captured = None
+        stack = self._captures.get(id(unit))
+        if stack:
+            capture = stack.pop()
+            if capture is not None:
+                capture.__exit__(None, None, None)
+                captured = capture.captured
+        if output is None or not self._recording():
+            return
+        outputs = [leaf for leaf in tree_leaves(output) if isinstance(leaf, Tensor)]
+        hooked = [i for i, out in enumerate(outputs) if out.requires_grad]
+        if not hooked:
+            return
+        if unit.rule is not None and len(outputs) != 1:
+            raise TypeError(
+                f"The norm rule for {type(module).__name__} (`{unit.name}`) needs a single output tensor, but the "
+                f"module returned {len(outputs)}. Register a rule that fits it or measure it with the fallback."
+            )
+        device_type = outputs[0].device.type
+        autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        # One detached tensor per distinct input, so rules can still tell that q, k and v are the same tensor.
+        detached: dict[int, Tensor] = {}
+
+        def detach(value: Any) -> Any:
+            if not isinstance(value, Tensor):
+                return value
+            return detached.setdefault(id(value), value.detach())
+
+        call = _Call(
+            unit,
+            tree_map(detach, args),
+            tree_map(detach, kwargs) if unit.rule is None else None,
+            len(outputs),
+            autocast,
+            self._generation,
+        )
+        assert unit.group is not None  # set by attach
+        unit.group.pending.add(call)
+        if captured is not None and outputs[0].requires_grad:
+            # The projections' gradients include what flows through the returned attention weights.
+            call.captured = captured
+            projections = [i for i, p in enumerate(captured.projections) if p.requires_grad]
+            torch.autograd.graph.register_multi_grad_hook(
+                [*(outputs[i] for i in hooked), *(captured.projections[i] for i in projections)],
+                partial(self._on_captured_grads, call, hooked, projections),
+                mode="all",
+            )
+        elif len(hooked) == 1 and len(outputs) == 1:
+            outputs[0].register_hook(partial(self._on_output_grad, call))
+        else:
+            torch.autograd.graph.register_multi_grad_hook(
+                [outputs[i] for i in hooked], partial(self._on_output_grads, call, hooked), mode="all"
+            )
+
+    def _on_output_grad(self, call: _Call, grad_output: Tensor) -> None:
+        self._receive(call, (grad_output,))
+
+    def _on_output_grads(self, call: _Call, indices: list[int], grads: Sequence[Tensor | None]) -> None:
+        full: list[Tensor | None] = [None] * call.num_outputs
+        for index, grad_value in zip(indices, grads, strict=True):
+            full[index] = grad_value
+        self._receive(call, tuple(full))
+
+    def _on_captured_grads(
+        self, call: _Call, outputs: list[int], projections: list[int], grads: Sequence[Tensor | None]
+    ) -> None:
+        # Laid out as the outputs' gradients (as the replay wants them), then the projections'.
+        assert call.captured is not None  # set with this hook
+        full: list[Tensor | None] = [None] * (call.num_outputs + len(call.captured.projections))
+        for index, grad_value in zip([*outputs, *(call.num_outputs + i for i in projections)], grads, strict=True):
+            full[index] = grad_value
+        self._receive(call, tuple(full))
+
+    def _on_param_grad(self, param_id: int, grad_value: Tensor) -> None:
+        if self._attached:
+            self._start_backward()
+            self._received.add(param_id)
+
+    def _receive(self, call: _Call, grads: tuple[Tensor | None, ...]) -> None:
+        if not self._attached or call.generation != self._generation:
+            return
+        self._start_backward()
+        if call.args is None:
+            # Already measured by an earlier backward pass through a retained graph: its inputs are gone.
+            # Its parameters then show up as unmeasured, which is reported.
+            return
+        if any(g is not None and g.requires_grad for g in grads):
+            self._report_double_backward(call.unit.name)
+        self._fired.append(call)
+        group = call.unit.group
+        assert group is not None  # set by attach
+        group.pending.discard(call)
+        if group.tied or len(group.pending) > 0 or group in self._stash:
+            if group in self._eager:
+                raise _late_call_error(group)
+            self._stash.setdefault(group, []).append((call, grads))
+            return
+        if group in self._eager:
+            raise _late_call_error(group)
+        self._eager[group] = self._single_call_sq_norm(call, grads)
+
+    # ------------------------------------------------------------------ backward pass
+
+    def _start_backward(self) -> None:
+        task_id = torch._C._current_graph_task_id()
+        if task_id == self._task_id:
+            return
+        # A new backward pass; whatever an aborted one left behind is dropped.
+        self._reset_backward_state()
+        self._task_id = task_id
+        torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+
+    def _reset_backward_state(self) -> None:
+        self._task_id = None
+        self._eager = {}
+        self._stash = {}
+        self._received = set()
+        self._fired = []
+
+    def _finish_backward(self) -> None:
+        try:
+            contributions = dict(self._eager)
+            for group, calls in self._stash.items():
+                contributions[group] = self._combined_sq_norm(group, calls)
+            received = self._received
+            by_module: dict[str, Tensor] = {}
+            measured: set[int] = set()
+            for group in self._groups:
+                if group in contributions and any(id(p) in received for p in group.params):
+                    by_module[group.name] = contributions[group]
+                    measured.update(id(p) for p in group.params)
+            unmeasured = tuple(sorted(self._param_names[p] for p in received - measured if p in self._param_names))
+            if unmeasured:
+                self._report_unmeasured(unmeasured)
+            if by_module:
+                self._records.append(SqNormRecord(_total(by_module), by_module, unmeasured))
+        finally:
+            # Inputs are freed once their gradients reached the parameters. A pass that gave the parameters
+            # nothing (a gradient with respect to inputs only) leaves them for the backward pass still to come.
+            for call in self._fired:
+                fired_group = call.unit.group
+                if fired_group is not None and any(id(p) in self._received for p in fired_group.params):
+                    _release(call)
+            self._reset_backward_state()
+
+    def _report_unmeasured(self, names: tuple[str, ...]) -> None:
+        message = (
+            f"Parameters received a gradient that no per-example hook measured: {', '.join(names)}. The per-example "
+            "norms miss them: their owner module was not called (e.g. `F.linear(x, self.proj.weight)` instead of "
+            "`self.proj(x)`), they were used outside any module, or a graph kept with `retain_graph=True` was "
+            "backpropagated again (each forward is measured once). Register a norm rule for the module that uses "
+            "them with `register_norm_rule`, or restrict the measurement with `include=`."
+        )
+        if self.strict:
+            raise RuntimeError(message)
+        if names not in self._warned_unmeasured:
+            self._warned_unmeasured.add(names)
+            warnings.warn(message, UnmeasuredParameterWarning, stacklevel=2)
+
+    def _report_double_backward(self, name: str) -> None:
+        message = (
+            f"A backward pass with `create_graph=True` went through `{name}` (e.g. a gradient penalty): a later "
+            "backward through that graph adds second-order gradient terms to the parameters that per-example hooks "
+            "cannot see, so the per-example norms of that pass are incomplete."
+        )
+        if self.strict:
+            raise RuntimeError(message)
+        if not self._warned_double_backward:
+            self._warned_double_backward = True
+            warnings.warn(message, UnmeasuredParameterWarning, stacklevel=2)
+
+    def _single_call_sq_norm(self, call: _Call, grads: tuple[Tensor | None, ...]) -> Tensor:
+        unit = call.unit
+        if unit.rule is not None:
+            grad_output = grads[0]
+            assert grad_output is not None  # the hook fired with it
+            assert call.args is not None  # released only after use
+            with torch.no_grad(), _autocast_off(grad_output.device.type):
+                return unit.rule(unit.module, call.args, grad_output)
+        if call.captured is not None:
+            with torch.no_grad(), _autocast_off(_device_type(grads)):
+                return call.captured.sq_norm(unit.module, grads[0], grads[call.num_outputs :])
+        if unit.call_rule is not None:
+            assert call.args is not None  # released only after use
+            with torch.no_grad(), _autocast_off(_device_type(grads)):
+                result = unit.call_rule(unit.module, call.args, call.kwargs or {}, grads)
+            if result is not None:
+                return result
+        return sq_norm_of_grads(self._replay(call, grads))
+
+    def _combined_sq_norm(self, group: _Group, calls: list[tuple[_Call, tuple[Tensor | None, ...]]]) -> Tensor:
+        if len(calls) == 1:
+            return self._single_call_sq_norm(*calls[0])
+        # Per-example gradients add up over calls (and over tied units) before squaring.
+        summed: dict[int, Tensor] = {}
+        for call, grads in calls:
+            per_call = self._replay(call, grads)
+            for name, value in per_call.items():
+                key = id(call.unit.params[name])
+                if key in summed and summed[key].shape != value.shape:
+                    raise ValueError(
+                        f"The calls of `{group.name}` in one backward pass saw different batch sizes "
+                        f"({summed[key].shape[0]} and {value.shape[0]}); per-example norms need every call to see "
+                        "the same N examples along dim 0."
+                    )
+                summed[key] = summed[key] + value if key in summed else value
+        return sq_norm_of_grads({str(key): value for key, value in summed.items()})
+
+    def _replay(self, call: _Call, grads: tuple[Tensor | None, ...]) -> dict[str, Tensor]:
+        unit = call.unit
+        assert call.args is not None  # released only after use
+        if call.captured is not None:
+            grads = grads[: call.num_outputs]  # the outputs' gradients, without the captured projections
+        layout: BatchLayout = batch_layout(unit.module, call.args, call.kwargs or {}, call.num_outputs)
+        device_type, enabled, dtype = call.autocast
+        self._replaying = True
+        try:
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                return per_example_grads(unit.module, dict(unit.params), layout, grads)
+        except Exception as err:
+            raise RuntimeError(
+                f"The torch.func fallback could not replay `{unit.name}` ({type(unit.module).__name__}) one example "
+                f"at a time: {err} The fallback needs a forward without random ops in training mode (dropout) and "
+                f"without data-dependent Python control flow. Register a norm rule with "
+                f"`register_norm_rule({type(unit.module).__name__})`, or leave it out with `include=`."
+            ) from err
+        finally:
+            self._replaying = False
+
+    # ------------------------------------------------------------------ results
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def records(self) -> list[SqNormRecord]:
+        """The records of the backward passes since the last :meth:`pop` or :meth:`reset`, oldest first."""
+        return list(self._records)
+
+    def sq_norms(self, index: int = -1) -> Tensor:
+        """Per-example squared gradient norms of one backward pass, summed over the measured modules.
+
+        Args:
+            index: which backward pass since the last :meth:`pop`/:meth:`reset` (default: the latest).
+
+        Returns:
+            ``[N]`` squared norms.
+        """
+        return self._record(index).sq_norms
+
+    def sq_norms_by_module(self, index: int = -1) -> dict[str, Tensor]:
+        """Per-example squared gradient norms of one backward pass, per measured unit.
+
+        Args:
+            index: which backward pass since the last :meth:`pop`/:meth:`reset` (default: the latest).
+
+        Returns:
+            ``{qualified module name: [N]}``.
+        """
+        return dict(self._record(index).by_module)
+
+    def pop(self) -> list[SqNormRecord]:
+        """Take every record since the last :meth:`pop` or :meth:`reset` (one per backward pass, oldest first).
+
+        Returns:
+            The records; the engine holds none afterwards.
+        """
+        records, self._records = self._records, []
+        return records
+
+    def reset(self) -> None:
+        """Drop the records and any half-finished backward pass."""
+        self._records = []
+        self._reset_backward_state()
+
+    def _record(self, index: int) -> SqNormRecord:
+        if not self._records:
+            raise RuntimeError(
+                "No per-example norms recorded yet: run a forward and a backward pass with the hooks attached "
+                "(`attach()` or `with PerExampleGradNorms(model):`) before reading them."
+            )
+        return self._records[index]
+
+
+def _device_type(grads: tuple[Tensor | None, ...]) -> str:
+    return next(g.device.type for g in grads if g is not None)
+
+
+def _release(call: _Call) -> None:
+    call.args = None
+    call.kwargs = None
+    call.captured = None
+
+
+def _captures_forward(unit: _Unit) -> bool:
+    # The built-in attention rule is exact and cheaper when the forward runs under a capture.
+    return type(unit.module) is nn.MultiheadAttention and unit.call_rule is multihead_attention_sq_norm
+
+
+def _total(by_module: dict[str, Tensor]) -> Tensor:
+    values = iter(by_module.items())
+    first_name, total = next(values)
+    for name, value in values:
+        if value.shape != total.shape:
+            raise ValueError(
+                f"Modules saw different batch sizes in one backward pass: `{first_name}` has {total.shape[0]} "
+                f"examples and `{name}` has {value.shape[0]}. Per-example norms need batch-first inputs with the "
+                "same N along dim 0 in every module: a layer fed `x.view(-1, features)` sees tokens as examples, "
+                "and a position embedding called on `arange(T)` sums the examples' gradients (call it on "
+                "`arange(T).expand(N, T)`)."
+            )
+        total = total + value.to(total.dtype)
+    return total
+
+
+def _late_call_error(group: _Group) -> RuntimeError:
+    return RuntimeError(
+        f"`{group.name}` received the gradient of another call after its per-example norms were already taken "
+        "in this backward pass; this happens when a module is called during the backward pass itself (reentrant "
+        "checkpointing), which per-example norms do not support. Use `use_reentrant=False`."
+    )
+
+
+@contextlib.contextmanager
+def _autocast_off(device_type: str) -> Iterator[None]:
+    # Rules accumulate in float32; an autocast region still active in backward would downcast their matmuls.
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            yield
+    else:
+        yield

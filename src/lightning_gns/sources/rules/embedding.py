@@ -1,0 +1,72 @@
+r"""Norm rule for :class:`torch.nn.Embedding`.
+
+An example's gradient of the embedding table is a scatter: the output gradient of every
+position ``t`` is added into row ``id_t``. Rows hit several times within one example
+add up before squaring:
+
+.. math::
+
+    \|G_i\|_F^2 = \sum_{v} \Big\|\sum_{t:\, id_{i,t} = v} g_{i,t}\Big\|^2
+
+Distinct ids are found per example by sorting (no ``torch.unique``, whose data-dependent
+output size would force a host sync), and the rows are summed with one ``scatter_add``
+into a buffer of the output gradient's size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gns.sources.rules.linear import accumulation_dtype
+
+
+def embedding_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+    """Per-example squared gradient norm of a :class:`torch.nn.Embedding`.
+
+    Handles repeated ids within an example, ``padding_idx`` (its row gets no gradient) and
+    ``scale_grad_by_freq`` (gradients divided by the id's count in the whole batch, as
+    PyTorch does).
+
+    Args:
+        module: the embedding.
+        inputs: the positional inputs of its forward; ``inputs[0]`` holds ids of shape ``[N, *]``.
+        grad_output: the gradient flowing into its output, ``[N, *, D]``.
+
+    Returns:
+        ``[N]`` squared norms (zero when the weight is frozen).
+
+    Raises:
+        TypeError: if ``module`` is not an embedding.
+
+    Example::
+
+        >>> emb = nn.Embedding(5, 2)
+        >>> ids = torch.tensor([[1, 1], [1, 2]])  # row 1 twice in the first example
+        >>> embedding_sq_norm(emb, (ids,), torch.ones(2, 2, 2))  # |2·g|² = 8, |g|² + |g|² = 4
+        tensor([8., 4.])
+    """
+    if not isinstance(module, nn.Embedding):
+        raise TypeError(f"`embedding_sq_norm` expects an nn.Embedding, but got `{type(module).__name__}`.")
+    dtype = accumulation_dtype(grad_output)
+    batch, dim = grad_output.shape[0], grad_output.shape[-1]
+    if not module.weight.requires_grad:
+        return grad_output.new_zeros(batch, dtype=dtype)
+    ids = inputs[0].reshape(batch, -1)
+    grad = grad_output.reshape(batch, -1, dim).to(dtype)
+    if module.padding_idx is not None:
+        grad = grad * (ids != module.padding_idx).unsqueeze(-1)
+    if module.scale_grad_by_freq:
+        counts = torch.zeros(module.num_embeddings, dtype=dtype, device=ids.device)
+        counts.index_add_(0, ids.reshape(-1), torch.ones(ids.numel(), dtype=dtype, device=ids.device))
+        grad = grad / counts[ids].unsqueeze(-1)
+    if ids.shape[1] == 1:
+        return grad.square().sum((1, 2))
+    sorted_ids, order = ids.sort(dim=1)
+    is_new = torch.ones_like(sorted_ids, dtype=torch.long)
+    is_new[:, 1:] = (sorted_ids[:, 1:] != sorted_ids[:, :-1]).long()
+    # Slot k of example i collects the k-th distinct id of that example.
+    slot = (is_new.cumsum(1) - 1).unsqueeze(-1).expand(-1, -1, dim)
+    sorted_grad = grad.gather(1, order.unsqueeze(-1).expand(-1, -1, dim))
+    rows = torch.zeros_like(grad).scatter_add_(1, slot, sorted_grad)
+    return rows.square().sum((1, 2))

@@ -1,0 +1,119 @@
+r"""Norm rule for :class:`torch.nn.Linear` and the kernel that the convolution rule shares.
+
+The per-example weight gradient of a linear map applied at ``T`` positions is
+``G_i = Σ_t g_{i,t} a_{i,t}ᵀ`` (output gradient times input). Its squared Frobenius norm
+can be taken without building ``G_i`` ("ghost norm"):
+
+.. math::
+
+    \|G_i\|_F^2 = \sum_{t,s} (a_{i,t} \cdot a_{i,s}) (g_{i,t} \cdot g_{i,s})
+
+which costs ``T²(K + L)`` per example instead of ``T·K·L``. :func:`sum_outer_sq_norm`
+picks the cheaper of the two per call from the shapes alone (no host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def accumulation_dtype(tensor: Tensor) -> torch.dtype:
+    """The dtype that norms are accumulated in: float64 stays float64, anything else becomes float32.
+
+    Args:
+        tensor: an activation or gradient.
+
+    Returns:
+        ``torch.float64`` for float64 input, else ``torch.float32``.
+    """
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def sum_outer_sq_norm(grad_output: Tensor, activation: Tensor) -> Tensor:
+    """Squared Frobenius norm of ``Σ_t g_t a_tᵀ`` for each row of a batch.
+
+    Chooses per call between the Gram form (cost ``T²·(K+L)``) and materialising the
+    ``[M, L, K]`` product (cost ``T·K·L``), like nanoGNS does for sequence layers. Rows are
+    processed in chunks that keep either temporary under 128 MiB of float32.
+
+    Args:
+        grad_output: ``[M, T, L]`` output gradients.
+        activation: ``[M, T, K]`` inputs, in the same dtype as ``grad_output``.
+
+    Returns:
+        ``[M]`` squared norms.
+
+    Example::
+
+        >>> g, a = torch.ones(2, 3, 4), torch.ones(2, 3, 5)
+        >>> sum_outer_sq_norm(g, a)  # every entry of Σ_t g_t a_tᵀ is 3, and there are 20
+        tensor([180., 180.])
+    """
+    batch, steps = activation.shape[0], activation.shape[1]
+    in_features, out_features = activation.shape[2], grad_output.shape[2]
+    if steps == 1:
+        return grad_output.square().sum((1, 2)) * activation.square().sum((1, 2))
+    gram = steps * (in_features + out_features) < in_features * out_features
+    per_example = 2 * steps * steps if gram else in_features * out_features
+    chunk = max(1, _CHUNK_ELEMENTS // per_example)
+    if chunk >= batch:
+        return _gram_sq_norm(grad_output, activation) if gram else _outer_sq_norm(grad_output, activation)
+    # Bound the temporary: [chunk, T, T] Grams or [chunk, L, K] per-example gradients at a time.
+    kernel = _gram_sq_norm if gram else _outer_sq_norm
+    return torch.cat([kernel(grad_output[i : i + chunk], activation[i : i + chunk]) for i in range(0, batch, chunk)])
+
+
+_CHUNK_ELEMENTS = 1 << 25  # 128 MiB of float32 temporaries per chunk
+
+
+def _gram_sq_norm(grad_output: Tensor, activation: Tensor) -> Tensor:
+    gram_a = torch.bmm(activation, activation.transpose(1, 2))
+    gram_g = torch.bmm(grad_output, grad_output.transpose(1, 2))
+    return (gram_a * gram_g).sum((1, 2))
+
+
+def _outer_sq_norm(grad_output: Tensor, activation: Tensor) -> Tensor:
+    return torch.bmm(grad_output.transpose(1, 2), activation).square().sum((1, 2))
+
+
+def linear_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+    """Per-example squared gradient norm of a :class:`torch.nn.Linear` (weight and bias).
+
+    Inputs of shape ``[N, K]`` or ``[N, *, K]``; for the latter every example is the whole
+    slice ``[*, K]`` (a sequence), so the gradient is summed over ``*`` before squaring.
+
+    Args:
+        module: the linear layer.
+        inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, *, K]``.
+        grad_output: the gradient flowing into its output, ``[N, *, L]``.
+
+    Returns:
+        ``[N]`` squared norms over the layer's trainable parameters.
+
+    Raises:
+        ValueError: if the input has no batch dimension.
+
+    Example::
+
+        >>> layer = nn.Linear(3, 2)
+        >>> linear_sq_norm(layer, (torch.ones(4, 3),), torch.ones(4, 2))  # |g|²|a|² + |g|² = 2·3 + 2
+        tensor([8., 8., 8., 8.])
+    """
+    activation = inputs[0]
+    if activation.dim() < 2:
+        raise ValueError(
+            f"Per-example norms need a batch dimension, but `{type(module).__name__}` got an input of shape "
+            f"{tuple(activation.shape)}. Feed batched inputs of shape [N, *, in_features]."
+        )
+    dtype = accumulation_dtype(grad_output)
+    batch = grad_output.shape[0]
+    grad = grad_output.reshape(batch, -1, grad_output.shape[-1]).to(dtype)
+    result = grad.new_zeros(batch)
+    weight, bias = module.weight, module.bias
+    if isinstance(weight, Tensor) and weight.requires_grad:
+        act = activation.reshape(batch, -1, activation.shape[-1]).to(dtype)
+        result = result + sum_outer_sq_norm(grad, act)
+    if isinstance(bias, Tensor) and bias.requires_grad:
+        result = result + grad.sum(1).square().sum(1)
+    return result

@@ -1,0 +1,249 @@
+"""Norm rules for affine normalisation layers: LayerNorm, GroupNorm, InstanceNorm, RMSNorm, BatchNorm (eval).
+
+For an affine normalisation ``y = x̂ ⊙ γ + β`` the per-example gradients are
+``Σ g ⊙ x̂`` for the scale ``γ`` and ``Σ g`` for the shift ``β``, summed over the
+positions that share one entry of ``γ`` (sequence positions for LayerNorm, spatial
+positions for the channel-wise norms). The rules recompute ``x̂`` from the input with
+the layer's own functional form, in float32 (or float64), without the affine part.
+
+BatchNorm that normalises with batch statistics couples the examples of a batch: their
+gradients are then not per-example quantities, so the rule refuses it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from lightning_gns.sources.rules.linear import accumulation_dtype
+
+
+def batch_norm_uses_batch_statistics(module: _BatchNorm) -> bool:
+    """Whether a BatchNorm layer normalises with the statistics of the current batch.
+
+    Mirrors the test inside :meth:`torch.nn.modules.batchnorm._BatchNorm.forward`.
+
+    Args:
+        module: the BatchNorm layer.
+
+    Returns:
+        ``True`` in training mode, or in eval mode without running statistics.
+    """
+    return module.training or module.running_mean is None or module.running_var is None
+
+
+def batch_norm_coupling_error(name: str, module: nn.Module) -> ValueError:
+    """The error that explains why per-example norms refuse BatchNorm with batch statistics.
+
+    Args:
+        name: the qualified name of the layer (may be empty).
+        module: the layer.
+
+    Returns:
+        The error to raise.
+    """
+    where = f"`{name}` ({type(module).__name__})" if name else f"`{type(module).__name__}`"
+    return ValueError(
+        f"Per-example gradient norms are not defined through {where} in training mode: BatchNorm "
+        "normalises with the statistics of the whole batch, which couples the gradients of its examples. "
+        "Replace it with GroupNorm or LayerNorm, put it in eval mode (running statistics), or measure the "
+        "noise scale with the `ddp` or `accumulation` source instead of `per_example`."
+    )
+
+
+def _affine_sq_norm(module: nn.Module, normalized: Tensor, grad: Tensor, reduce_dims: tuple[int, ...]) -> Tensor:
+    """Squared norms of ``Σ g ⊙ x̂`` (weight) and ``Σ g`` (bias) summed over ``reduce_dims``."""
+    result = grad.new_zeros(grad.shape[0])
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if isinstance(weight, Tensor) and weight.requires_grad:
+        result = result + _sum_keep_batch(grad * normalized, reduce_dims).square().flatten(1).sum(1)
+    if isinstance(bias, Tensor) and bias.requires_grad:
+        result = result + _sum_keep_batch(grad, reduce_dims).square().flatten(1).sum(1)
+    return result
+
+
+def _sum_keep_batch(tensor: Tensor, dims: tuple[int, ...]) -> Tensor:
+    return tensor.sum(dims) if dims else tensor
+
+
+def _require_batch(module: nn.Module, inputs: Tensor, min_dim: int, shape_hint: str) -> None:
+    if inputs.dim() < min_dim:
+        raise ValueError(
+            f"Per-example norms need a batch dimension, but `{type(module).__name__}` got an input of shape "
+            f"{tuple(inputs.shape)}. Feed batched inputs of shape {shape_hint}."
+        )
+
+
+def layer_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+    """Per-example squared gradient norm of a :class:`torch.nn.LayerNorm`.
+
+    Args:
+        module: the layer.
+        inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, *, *normalized_shape]``.
+        grad_output: the gradient flowing into its output, same shape.
+
+    Returns:
+        ``[N]`` squared norms over the layer's trainable parameters.
+
+    Raises:
+        TypeError: if ``module`` is not a LayerNorm.
+        ValueError: if the input has no batch dimension.
+
+    Example::
+
+        >>> ln = nn.LayerNorm(2)
+        >>> x = torch.tensor([[[1.0, -1.0], [2.0, 0.0]]])  # x̂ = (1, -1) at both positions
+        >>> layer_norm_sq_norm(ln, (x,), torch.ones(1, 2, 2))  # |Σ_t g⊙x̂|² + |Σ_t g|² = 8 + 8
+        tensor([16.])
+    """
+    if not isinstance(module, nn.LayerNorm):
+        raise TypeError(f"`layer_norm_sq_norm` expects an nn.LayerNorm, but got `{type(module).__name__}`.")
+    shape = tuple(module.normalized_shape)
+    _require_batch(module, inputs[0], len(shape) + 1, "[N, *, *normalized_shape]")
+    dtype = accumulation_dtype(grad_output)
+    normalized = F.layer_norm(inputs[0].to(dtype), shape, None, None, module.eps)
+    reduce_dims = tuple(range(1, grad_output.dim() - len(shape)))
+    return _affine_sq_norm(module, normalized, grad_output.to(dtype), reduce_dims)
+
+
+def rms_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+    """Per-example squared gradient norm of a :class:`torch.nn.RMSNorm`.
+
+    Args:
+        module: the layer.
+        inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, *, *normalized_shape]``.
+        grad_output: the gradient flowing into its output, same shape.
+
+    Returns:
+        ``[N]`` squared norms over the layer's trainable scale.
+
+    Raises:
+        TypeError: if ``module`` is not an RMSNorm.
+        ValueError: if the input has no batch dimension.
+
+    Example::
+
+        >>> rms = nn.RMSNorm(2)
+        >>> rms_norm_sq_norm(rms, (torch.tensor([[3.0, -3.0]]),), torch.ones(1, 2))  # x̂ = (1, -1)
+        tensor([2.0000])
+    """
+    if not isinstance(module, nn.RMSNorm):
+        raise TypeError(f"`rms_norm_sq_norm` expects an nn.RMSNorm, but got `{type(module).__name__}`.")
+    shape = tuple(module.normalized_shape)
+    _require_batch(module, inputs[0], len(shape) + 1, "[N, *, *normalized_shape]")
+    dtype = accumulation_dtype(grad_output)
+    # The layer's default eps is that of its input dtype, which the float32 copy must not change.
+    eps = module.eps if module.eps is not None else torch.finfo(inputs[0].dtype).eps
+    normalized = F.rms_norm(inputs[0].to(dtype), shape, None, eps)
+    reduce_dims = tuple(range(1, grad_output.dim() - len(shape)))
+    return _affine_sq_norm(module, normalized, grad_output.to(dtype), reduce_dims)
+
+
+def group_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+    """Per-example squared gradient norm of a :class:`torch.nn.GroupNorm`.
+
+    Args:
+        module: the layer.
+        inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, C, *]``.
+        grad_output: the gradient flowing into its output, same shape.
+
+    Returns:
+        ``[N]`` squared norms over the layer's trainable parameters.
+
+    Raises:
+        TypeError: if ``module`` is not a GroupNorm.
+        ValueError: if the input has no batch dimension.
+
+    Example::
+
+        >>> gn = nn.GroupNorm(1, 2)
+        >>> x = torch.tensor([[[1.0], [-1.0]]])  # x̂ = (1, -1)
+        >>> group_norm_sq_norm(gn, (x,), torch.ones(1, 2, 1))  # |g⊙x̂|² + |g|² ≈ 2 + 2
+        tensor([4.0000])
+    """
+    if not isinstance(module, nn.GroupNorm):
+        raise TypeError(f"`group_norm_sq_norm` expects an nn.GroupNorm, but got `{type(module).__name__}`.")
+    _require_batch(module, inputs[0], 2, "[N, C, *]")
+    dtype = accumulation_dtype(grad_output)
+    normalized = F.group_norm(inputs[0].to(dtype), module.num_groups, None, None, module.eps)
+    return _affine_sq_norm(module, normalized, grad_output.to(dtype), tuple(range(2, grad_output.dim())))
+
+
+def instance_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+    """Per-example squared gradient norm of an affine ``InstanceNorm1d/2d/3d``.
+
+    Statistics are per example and channel, so examples stay independent in training mode
+    too; in eval mode with ``track_running_stats=True`` the running statistics are used.
+
+    Args:
+        module: the layer.
+        inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, C, *spatial]``.
+        grad_output: the gradient flowing into its output, same shape.
+
+    Returns:
+        ``[N]`` squared norms over the layer's trainable parameters.
+
+    Raises:
+        TypeError: if ``module`` is not an InstanceNorm.
+        ValueError: if the input has no batch dimension.
+
+    Example::
+
+        >>> inorm = nn.InstanceNorm1d(1, affine=True)
+        >>> x = torch.tensor([[[1.0, -1.0]]])  # x̂ = (1, -1)
+        >>> instance_norm_sq_norm(inorm, (x,), torch.ones(1, 1, 2))  # (Σ g⊙x̂)² + (Σ g)² ≈ 0 + 4
+        tensor([4.0000])
+    """
+    if not isinstance(module, _InstanceNorm):
+        raise TypeError(f"`instance_norm_sq_norm` expects an InstanceNorm, but got `{type(module).__name__}`.")
+    _require_batch(module, inputs[0], module._get_no_batch_dim() + 1, "[N, C, *spatial]")
+    dtype = accumulation_dtype(grad_output)
+    use_input_stats = module.training or not module.track_running_stats
+    running_mean = None if use_input_stats or module.running_mean is None else module.running_mean.to(dtype)
+    running_var = None if use_input_stats or module.running_var is None else module.running_var.to(dtype)
+    normalized = F.instance_norm(
+        inputs[0].to(dtype), running_mean, running_var, None, None, use_input_stats=use_input_stats, eps=module.eps
+    )
+    return _affine_sq_norm(module, normalized, grad_output.to(dtype), tuple(range(2, grad_output.dim())))
+
+
+def batch_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+    """Per-example squared gradient norm of a BatchNorm layer in eval mode (running statistics).
+
+    Args:
+        module: the layer.
+        inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, C, *]``.
+        grad_output: the gradient flowing into its output, same shape.
+
+    Returns:
+        ``[N]`` squared norms over the layer's trainable parameters.
+
+    Raises:
+        TypeError: if ``module`` is not a BatchNorm.
+        ValueError: if the layer normalises with batch statistics (training mode): the
+            examples' gradients are coupled, so per-example norms are not defined.
+
+    Example::
+
+        >>> bn = nn.BatchNorm1d(2).eval()  # running mean 0, running variance 1
+        >>> batch_norm_sq_norm(bn, (torch.tensor([[1.0, -1.0]]),), torch.ones(1, 2))  # ≈ 2 + 2
+        tensor([4.0000])
+        >>> batch_norm_sq_norm(bn.train(), (torch.ones(3, 2),), torch.ones(3, 2))
+        Traceback (most recent call last):
+        ...
+        ValueError: Per-example gradient norms are not defined through `BatchNorm1d` in training mode: ...
+    """
+    if not isinstance(module, _BatchNorm):
+        raise TypeError(f"`batch_norm_sq_norm` expects a BatchNorm, but got `{type(module).__name__}`.")
+    running_mean, running_var = module.running_mean, module.running_var
+    if module.training or running_mean is None or running_var is None:
+        raise batch_norm_coupling_error("", module)
+    _require_batch(module, inputs[0], 2, "[N, C, *]")
+    dtype = accumulation_dtype(grad_output)
+    normalized = F.batch_norm(
+        inputs[0].to(dtype), running_mean.to(dtype), running_var.to(dtype), training=False, eps=module.eps
+    )
+    return _affine_sq_norm(module, normalized, grad_output.to(dtype), tuple(range(2, grad_output.dim())))

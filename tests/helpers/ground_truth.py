@@ -1,0 +1,80 @@
+"""A small Lightning classifier on a fixed finite data set, and its exact per-example gradients (torch.func)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def make_dataset(num_examples: int = 256, features: int = 12, classes: int = 4, seed: int = 0) -> TensorDataset:
+    """Gaussian clusters with label noise: a gradient that does not vanish and a noise that does not either."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, features, generator=gen) * 1.5
+    labels = torch.randint(classes, (num_examples,), generator=gen)
+    inputs = centers[labels] + torch.randn(num_examples, features, generator=gen)
+    flip = torch.rand(num_examples, generator=gen) < 0.2
+    labels = torch.where(flip, torch.randint(classes, (num_examples,), generator=gen), labels)
+    return TensorDataset(inputs, labels)
+
+
+def make_net(features: int = 12, classes: int = 4, hidden: int = 16) -> nn.Module:
+    return nn.Sequential(nn.Linear(features, hidden), nn.LayerNorm(hidden), nn.Tanh(), nn.Linear(hidden, classes))
+
+
+class Classifier(pl.LightningModule):
+    """Cross-entropy (mean over the batch) with SGD at a given learning rate (0 keeps the weights fixed)."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.0) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        inputs, labels = batch
+        return nn.functional.cross_entropy(self.net(inputs), labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def pretrain(net: nn.Module, dataset: TensorDataset, steps: int = 150, lr: float = 0.3) -> None:
+    """A little plain training so that the weights sit where B_simple is far from 1."""
+    gen = torch.Generator().manual_seed(1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+    loader = DataLoader(dataset, batch_size=32, shuffle=True, generator=gen)
+    done = 0
+    while done < steps:
+        for inputs, labels in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(inputs), labels).backward()
+            optimizer.step()
+            done += 1
+            if done == steps:
+                return
+
+
+def exact_truth(net: nn.Module, dataset: TensorDataset) -> dict[str, float]:
+    """|G|², tr(S²) and the finite-population expectations of the two estimators, from every g_i."""
+    params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+
+    def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(functional_call(net, p, (x[None],)), y[None])
+
+    inputs, labels = dataset.tensors
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0))(params, inputs, labels)
+    flat = torch.cat([g.reshape(inputs.shape[0], -1) for g in per_example.values()], dim=1).double()
+    n = flat.shape[0]
+    mean = flat.mean(0)
+    trace_s2 = float(((flat - mean) ** 2).sum() / (n - 1))
+    grad_sq_norm = float(mean.pow(2).sum())
+    return {
+        "grad_sq_norm": grad_sq_norm,
+        "trace_s2": trace_s2,
+        # Batches without replacement (DESIGN.md): E[trace] = tr(S²), E[|G|²] = |G|² - tr(S²)/N.
+        "expected_trace_sigma": trace_s2,
+        "expected_grad_sq_norm": grad_sq_norm - trace_s2 / n,
+        "b_simple": trace_s2 / grad_sq_norm,
+    }

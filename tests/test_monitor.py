@@ -1,0 +1,261 @@
+"""NoiseScaleMonitor in real Lightning fits, against exact per-example gradients of a finite data set."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_gns import NoiseScaleMonitor
+from tests.helpers.ground_truth import Classifier, exact_truth, make_dataset, make_net, pretrain
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*does not have many workers.*", "ignore:NoiseScaleMonitor has no logger:RuntimeWarning"
+)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """A classifier trained a little (B_simple ≈ 17, far from 1) on 256 fixed examples, and its exact truth."""
+    torch.manual_seed(0)
+    dataset = make_dataset()
+    net = make_net()
+    pretrain(net, dataset, steps=5, lr=0.1)
+    return net, dataset, exact_truth(net, dataset)
+
+
+def _trainer(**kwargs) -> pl.Trainer:
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def _fit_fixed_weights(net, dataset, monitor, epochs, batch_size, **trainer_kwargs):
+    """Learning rate 0: the weights stay put while many batches (drawn without replacement) are measured."""
+    trainer = _trainer(max_epochs=epochs, callbacks=[monitor], **trainer_kwargs)
+    model = Classifier(_copy(net), lr=0.0)
+    trainer.fit(model, DataLoader(dataset, batch_size=batch_size, shuffle=True))
+    return trainer, model
+
+
+def _copy(net: nn.Module) -> nn.Module:
+    clone = make_net()
+    clone.load_state_dict(net.state_dict())
+    return clone
+
+
+def _assert_matches_truth(out, truth, rel=0.05):
+    assert float(out["trace_sigma"]) == pytest.approx(truth["expected_trace_sigma"], rel=rel)
+    assert float(out["grad_sq_norm"]) == pytest.approx(truth["expected_grad_sq_norm"], rel=rel)
+    expected_ratio = truth["expected_trace_sigma"] / truth["expected_grad_sq_norm"]
+    assert float(out["b_simple"]) == pytest.approx(expected_ratio, rel=rel)
+
+
+@pytest.mark.parametrize(
+    ("source", "accumulate", "batch_size"),
+    [("per_example", 1, 32), ("accumulation", 4, 8), ("per_example", 2, 16)],
+)
+def test_source_matches_exact_per_example_truth(problem, source, accumulate, batch_size):
+    net, dataset, truth = problem
+    monitor = NoiseScaleMonitor(source=source)
+    _fit_fixed_weights(net, dataset, monitor, epochs=60, batch_size=batch_size, accumulate_grad_batches=accumulate)
+    out = monitor.metric.compute()
+    assert float(out["num_steps"]) == 60 * 256 / (batch_size * accumulate)
+    _assert_matches_truth(out, truth)
+    # The smoothed estimate (what is logged) agrees with the run average within its own uncertainty.
+    smoothed = monitor.estimates
+    assert float(smoothed["b_simple_lower"]) <= float(out["b_simple"]) <= float(smoothed["b_simple_upper"])
+
+
+def test_auto_picks_per_example_on_one_device_and_accumulation_when_accumulating(problem):
+    net, dataset, _ = problem
+    for accumulate, expected in [(1, "per_example"), (2, "accumulation")]:
+        monitor = NoiseScaleMonitor()
+        _fit_fixed_weights(net, dataset, monitor, epochs=1, batch_size=32, accumulate_grad_batches=accumulate)
+        assert monitor.source is not None
+        assert monitor.source.name == expected
+
+
+def test_measured_before_gradient_clipping(problem):
+    net, dataset, _ = problem
+    results = []
+    for clip in (None, 1e-4):
+        torch.manual_seed(3)
+        monitor = NoiseScaleMonitor(source="per_example")
+        _fit_fixed_weights(net, dataset, monitor, epochs=2, batch_size=32, gradient_clip_val=clip)
+        results.append(monitor.metric.compute())
+    for key in ("grad_sq_norm", "trace_sigma"):
+        torch.testing.assert_close(results[0][key], results[1][key])
+
+
+def test_loss_scale_is_undone_and_overflow_steps_are_skipped(problem):
+    net, dataset, truth = problem
+    # A GradScaler on CPU with an absurd initial scale: the first steps overflow in float16 and are skipped,
+    # the scale comes down, and the later steps must be unscaled to match the exact truth.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, growth_interval=10_000)
+    plugin = MixedPrecision(precision="16-mixed", device="cpu", scaler=scaler)
+    monitor = NoiseScaleMonitor(source="per_example")
+    _fit_fixed_weights(net, dataset, monitor, epochs=40, batch_size=32, plugins=[plugin])
+    out = monitor.metric.compute()
+    assert float(out["num_skipped"]) > 0
+    assert float(out["num_steps"]) + float(out["num_skipped"]) == 40 * 8
+    _assert_matches_truth(out, truth, rel=0.08)  # float16 autocast adds its own rounding
+
+
+class _PartlyFrozen(Classifier):
+    """A frozen first layer and a branch that is never used: neither may contribute."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net, lr=0.0)
+        self.unused = nn.Linear(3, 3)
+        net[0].requires_grad_(False)
+
+
+def test_frozen_and_unused_parameters_contribute_nothing(problem):
+    net, dataset, _ = problem
+    frozen_net = _copy(net)
+    model = _PartlyFrozen(frozen_net)
+    monitor = NoiseScaleMonitor(source="per_example")
+    trainer = _trainer(max_epochs=60, callbacks=[monitor])
+    trainer.fit(model, DataLoader(dataset, batch_size=32, shuffle=True))
+    # Truth over the trainable, used parameters only.
+    reference = _copy(net)
+    reference[0].requires_grad_(False)
+    truth = exact_truth(reference, dataset)
+    _assert_matches_truth(monitor.metric.compute(), truth)
+
+
+def test_tensorboard_gets_tags_and_layout_csv_gets_tags(problem, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    net, dataset, _ = problem
+    tensorboard = TensorBoardLogger(tmp_path, name="tb", version=0)
+    csv = CSVLogger(tmp_path, name="csv", version=0)
+    monitor = NoiseScaleMonitor(prog_bar=True)
+    trainer = _trainer(max_epochs=4, callbacks=[monitor], logger=[tensorboard, csv], log_every_n_steps=4)
+    trainer.fit(Classifier(_copy(net), lr=0.05), DataLoader(dataset, batch_size=32, shuffle=True))
+    tensorboard.experiment.flush()
+
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {
+        f"gns/{k}"
+        for k in (
+            "b_simple",
+            "b_simple_lower",
+            "b_simple_upper",
+            "trace_sigma",
+            "grad_sq_norm",
+            "b_crit",
+            "batch_size",
+            "num_skipped",
+        )
+    }
+    assert expected <= tags
+    assert len(events.Scalars("gns/b_simple")) == 32 // 4
+    assert all(e.value == 32 for e in events.Scalars("gns/batch_size"))
+    layout = layout_pb2.Layout()
+    raw = [e for e in _raw_events(tmp_path / "tb" / "version_0") if e.HasField("summary")]
+    layout_values = [
+        v for e in raw for v in e.summary.value if v.metadata.plugin_data.plugin_name == metadata.PLUGIN_NAME
+    ]
+    assert layout_values, "no custom-scalars layout in the event file"
+    layout.ParseFromString(layout_values[0].tensor.string_val[0])
+    charts = {chart.title: chart for category in layout.category for chart in category.chart}
+    band = charts["B_simple (with its band)"].margin.series[0]
+    assert (band.value, band.lower, band.upper) == ("gns/b_simple", "gns/b_simple_lower", "gns/b_simple_upper")
+
+    import csv as csv_module
+
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as file:
+        rows = list(csv_module.DictReader(file))
+    logged = [float(r["gns/b_simple"]) for r in rows if r.get("gns/b_simple")]
+    assert len(logged) == 8
+    assert logged[-1] == pytest.approx(float(monitor.estimates["b_simple"]), rel=1e-5)
+    assert "gns/b_simple" in trainer.progress_bar_metrics
+
+
+def _raw_events(directory):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        yield from EventFileLoader(str(path)).Load()
+
+
+def test_resume_continues_smoothed_statistics_exactly(problem, tmp_path):
+    net, dataset, _ = problem
+    loader = DataLoader(dataset, batch_size=32, shuffle=False)  # the same order before and after the restart
+
+    def run(epochs, ckpt_path=None, callbacks=()):
+        torch.manual_seed(5)
+        monitor = NoiseScaleMonitor(source="per_example")
+        trainer = _trainer(max_epochs=epochs, callbacks=[monitor, *callbacks], enable_checkpointing=bool(callbacks))
+        model = Classifier(_copy(net), lr=0.05)
+        trainer.fit(model, loader, ckpt_path=ckpt_path)
+        return monitor
+
+    straight = run(4)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    run(2, callbacks=[checkpoint])
+    resumed = run(4, ckpt_path=str(tmp_path / "last.ckpt"))
+    for key in ("b_simple", "grad_sq_norm", "trace_sigma", "b_simple_lower", "effective_steps"):
+        torch.testing.assert_close(resumed.estimates[key], straight.estimates[key], msg=key)
+    torch.testing.assert_close(resumed.metric.compute()["num_steps"], straight.metric.compute()["num_steps"])
+
+
+def test_misconfiguration_errors(problem):
+    net, dataset, _ = problem
+    loader = DataLoader(dataset, batch_size=32)
+    with pytest.raises(MisconfigurationException, match=r"source='ddp' needs at least 2 processes.*devices=2"):
+        _trainer(max_steps=1, callbacks=[NoiseScaleMonitor(source="ddp")]).fit(Classifier(_copy(net)), loader)
+    with pytest.raises(MisconfigurationException, match=r"accumulate_grad_batches.*>= 2, but it is 1"):
+        _trainer(max_steps=1, callbacks=[NoiseScaleMonitor(source="accumulation")]).fit(Classifier(_copy(net)), loader)
+
+    class Manual(Classifier):
+        def __init__(self, net):
+            super().__init__(net)
+            self.automatic_optimization = False
+
+    with pytest.raises(MisconfigurationException, match=r"automatic optimization only"):
+        _trainer(max_steps=1, callbacks=[NoiseScaleMonitor()]).fit(Manual(_copy(net)), loader)
+    with pytest.raises(MisconfigurationException, match=r"`source` to be one of"):
+        NoiseScaleMonitor(source="gradients")  # type: ignore[arg-type]
+    with pytest.raises(MisconfigurationException, match=r"`horizon_examples` > 0"):
+        NoiseScaleMonitor(horizon_examples=0)
+    with pytest.raises(MisconfigurationException, match=r"`confidence` in \(0, 1\)"):
+        NoiseScaleMonitor(confidence=0)
+
+
+def test_batch_norm_is_refused_with_the_way_out(problem):
+    _, dataset, _ = problem
+    net = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 4))
+    with pytest.raises(Exception, match=r"(?s)BatchNorm.*(GroupNorm|LayerNorm)"):
+        _trainer(max_steps=2, callbacks=[NoiseScaleMonitor(source="per_example")]).fit(
+            Classifier(net), DataLoader(dataset, batch_size=32)
+        )
+
+
+def test_estimates_view_is_read_only_and_nan_is_reported_not_clamped(problem):
+    net, dataset, _ = problem
+    monitor = NoiseScaleMonitor(source="per_example")
+    assert dict(monitor.estimates) == {}
+    _fit_fixed_weights(net, dataset, monitor, epochs=1, batch_size=32)
+    with pytest.raises(TypeError):
+        monitor.estimates["b_simple"] = torch.tensor(1.0)  # type: ignore[index]
+    value = float(monitor.estimates["b_simple"])
+    assert math.isnan(value) == (not bool(monitor.estimates["b_simple_valid"]))

@@ -1,0 +1,93 @@
+"""The monitor in real 2-process DDP fits (CPU, gloo): exact truth, every rank the same, no hang."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_gns import NoiseScaleMonitor
+from tests.helpers.ground_truth import Classifier, exact_truth, make_dataset, make_net, pretrain
+
+pytestmark = [
+    pytest.mark.ddp,
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*", "ignore:NoiseScaleMonitor has no logger"),
+]
+
+
+class _SaveResults(Callback):
+    """Each rank writes what its monitor computed (ddp_spawn gives the parent nothing back)."""
+
+    def __init__(self, directory) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        monitor = next(c for c in trainer.callbacks if isinstance(c, NoiseScaleMonitor))
+        torch.save(
+            {
+                "run": monitor.metric.compute(),
+                "smoothed": dict(monitor.estimates),
+                "source": monitor.source.name,
+            },
+            self.directory / f"rank{trainer.global_rank}.pt",
+        )
+
+
+class _WithUnused(Classifier):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net, lr=0.0)
+        self.unused = nn.Linear(3, 3)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    torch.manual_seed(0)
+    dataset = make_dataset()
+    net = make_net()
+    pretrain(net, dataset, steps=5, lr=0.1)
+    return net, dataset, exact_truth(net, dataset)
+
+
+@pytest.mark.parametrize(
+    ("source", "accumulate", "per_rank_batch", "strategy", "expected_source"),
+    [
+        ("auto", 1, 16, "ddp_spawn", "ddp"),
+        ("ddp", 2, 8, "ddp_spawn_find_unused_parameters_true", "ddp"),
+        ("accumulation", 2, 8, "ddp_spawn", "accumulation"),
+    ],
+)
+def test_ddp_sources_match_exact_truth_on_every_rank(
+    problem, tmp_path, source, accumulate, per_rank_batch, strategy, expected_source
+):
+    net, dataset, truth = problem
+    model_net = make_net()
+    model_net.load_state_dict(net.state_dict())
+    model = _WithUnused(model_net) if "unused" in strategy else Classifier(model_net, lr=0.0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=40,
+        accumulate_grad_batches=accumulate,
+        callbacks=[NoiseScaleMonitor(source=source), _SaveResults(tmp_path)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DataLoader(dataset, batch_size=per_rank_batch, shuffle=True))
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for key, value in results[0]["run"].items():  # every rank holds (and would log) the same numbers
+        torch.testing.assert_close(results[1]["run"][key], value, equal_nan=True, msg=key)
+    for key, value in results[0]["smoothed"].items():
+        torch.testing.assert_close(results[1]["smoothed"][key], value, equal_nan=True, msg=key)
+    assert results[0]["source"] == expected_source
+    out = results[0]["run"]
+    assert float(out["num_steps"]) == 40 * 256 / (2 * per_rank_batch * accumulate)
+    assert float(out["trace_sigma"]) == pytest.approx(truth["expected_trace_sigma"], rel=0.05)
+    assert float(out["grad_sq_norm"]) == pytest.approx(truth["expected_grad_sq_norm"], rel=0.05)
+    expected_ratio = truth["expected_trace_sigma"] / truth["expected_grad_sq_norm"]
+    assert float(out["b_simple"]) == pytest.approx(expected_ratio, rel=0.05)

@@ -1,0 +1,586 @@
+"""The hook engine end to end: whole models against exact per-example norms, and its bookkeeping."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lightning_gns.sources import per_example_norms
+from lightning_gns.sources.per_example_norms import (
+    NormRuleFallbackWarning,
+    PerExampleGradNorms,
+    UnmeasuredParameterWarning,
+)
+from lightning_gns.sources.rules import registry
+from lightning_gns.sources.rules.attention import CapturedAttention
+from lightning_gns.sources.rules.linear import linear_sq_norm
+from tests.helpers.per_example import (
+    MLP,
+    SmallCNN,
+    TransformerBlock,
+    cross_entropy_per_example,
+    reduce_loss,
+    reduction_factor,
+    sq_norms_by_backward_per_example,
+    sq_norms_by_loop,
+    sq_norms_by_vmap,
+    trainable,
+)
+
+RTOL = 1e-4
+
+
+def assert_close(got: Tensor, expected: Tensor) -> None:
+    torch.testing.assert_close(got.double(), expected.double(), rtol=RTOL, atol=1e-10)
+
+
+def measure(model: nn.Module, inputs: Tensor, targets: Tensor, reduction: str, **kwargs) -> PerExampleGradNorms:
+    with PerExampleGradNorms(model, **kwargs) as norms:
+        reduce_loss(cross_entropy_per_example(model(inputs), targets), reduction).backward()
+    return norms
+
+
+# ---------------------------------------------------------------------- whole models
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_mlp_matches_naive_loop(reduction):
+    model = MLP()
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    norms = measure(model, x, y, reduction)
+    expected = sq_norms_by_loop(model, cross_entropy_per_example, x, y) * reduction_factor(7, reduction)
+    assert_close(norms.sq_norms(), expected)
+    assert sorted(norms.sq_norms_by_module()) == ["net.0", "net.3", "net.5"]
+    assert_close(sum(norms.sq_norms_by_module().values()), norms.sq_norms())
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_cnn_with_group_norm_matches_vmap(reduction):
+    model = SmallCNN()
+    x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))
+    norms = measure(model, x, y, reduction)
+    expected = sq_norms_by_vmap(model, cross_entropy_per_example, x, y) * reduction_factor(5, reduction)
+    assert_close(norms.sq_norms(), expected)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_transformer_block_matches_naive_loop(reduction):
+    model = TransformerBlock()
+    ids, targets = torch.randint(0, 13, (4, 8)), torch.randint(0, 13, (4, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer of the block has a rule: no fallback warning
+        norms = measure(model, ids, targets, reduction)
+    expected = sq_norms_by_loop(model, cross_entropy_per_example, ids, targets) * reduction_factor(4, reduction)
+    assert_close(norms.sq_norms(), expected)
+    assert set(norms.sq_norms_by_module()) == {
+        "tokens",
+        "positions",
+        "ln1",
+        "attn",
+        "ln2",
+        "mlp.0",
+        "mlp.2",
+        "ln_f",
+        "head",
+    }
+    assert {id(p) for p in norms.measured_parameters} == {id(p) for p in model.parameters()}
+
+
+def test_attention_dropout_in_training_is_exact():
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.2, batch_first=True)
+    x = torch.randn(3, 4, 8)
+    torch.manual_seed(1)
+    plain = layer(x)
+    expected = sq_norms_by_backward_per_example(plain.square().sum((1, 2)), list(layer.parameters()))
+    torch.manual_seed(1)
+    with PerExampleGradNorms(layer) as norms:
+        out = layer(x)
+        out.square().sum().backward()
+    torch.testing.assert_close(out, plain)  # the same dropout masks, so the truth above is this forward's
+    assert_close(norms.sq_norms(), expected)
+
+
+def test_multihead_attention_is_captured_not_recomputed(monkeypatch):
+    captured_calls = []
+    original = CapturedAttention.sq_norm
+    monkeypatch.setattr(
+        CapturedAttention, "sq_norm", lambda self, *args: captured_calls.append(1) or original(self, *args)
+    )
+    norms = measure(TransformerBlock(), torch.randint(0, 13, (2, 5)), torch.randint(0, 13, (2, 5)), "sum")
+    assert captured_calls == [1]
+    assert "attn" in norms.sq_norms_by_module()
+
+
+def test_fallback_refuses_to_replay_random_ops():
+    model = nn.Sequential(ScaledLinear(), nn.Dropout(0.5), ScaledLinear())
+    model[0].linear = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5), nn.Linear(3, 4))  # dropout inside the replay
+    with pytest.warns(NormRuleFallbackWarning):
+        norms = PerExampleGradNorms(model).attach()
+    with pytest.raises(RuntimeError, match="random ops in training mode"):
+        model(torch.randn(3, 4)).sum().backward()
+    norms.remove()
+
+
+class Attention(nn.Module):
+    """A MultiheadAttention call with every option the engine distinguishes, then a head."""
+
+    def __init__(self, batch_first: bool, need_weights: bool, weights_in_loss: bool, **options) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, **options)
+        self.head = nn.Linear(8, 3)
+        self.need_weights, self.weights_in_loss = need_weights, weights_in_loss
+
+    def forward(self, x: Tensor) -> Tensor:
+        padding = x[..., 0] > 0.8  # a mask per example, so the naive loop sees the same one
+        padding[:, 0] = False
+        h = x if self.attn.batch_first else x.transpose(0, 1)
+        out, weights = self.attn(h, h, h, key_padding_mask=padding, need_weights=self.need_weights)
+        out = out if self.attn.batch_first else out.transpose(0, 1)
+        logits = self.head(out)
+        return logits + weights.sum(-1, keepdim=True) if self.weights_in_loss else logits
+
+
+@pytest.mark.parametrize("capture", [True, False], ids=["captured", "recomputed"])
+@pytest.mark.parametrize(
+    ("batch_first", "need_weights", "weights_in_loss", "options"),
+    [
+        (True, False, False, {}),
+        (False, False, False, {"kdim": 5, "vdim": 5}),  # separate projection weights
+        (True, False, False, {"bias": False}),
+        (True, True, False, {}),
+        (False, True, True, {}),  # a gradient through the attention weights (recomputed: torch.func replay)
+        (True, False, False, {"add_zero_attn": True}),  # torch.func replay either way
+        (True, False, False, {"add_bias_kv": True}),  # torch.func replay either way
+    ],
+)
+def test_multihead_attention_through_the_engine(
+    monkeypatch, capture, batch_first, need_weights, weights_in_loss, options
+):
+    if not capture:
+        monkeypatch.setattr(per_example_norms, "_captures_forward", lambda unit: False)
+    model = Attention(batch_first, need_weights, weights_in_loss, **options)
+    if "kdim" in options:
+        # Separate q/k/v weights, but fed one tensor: kdim = vdim = 8 after construction.
+        model.attn.kdim = model.attn.vdim = 8
+        model.attn.k_proj_weight = nn.Parameter(torch.randn(8, 8) / 3)
+        model.attn.v_proj_weight = nn.Parameter(torch.randn(8, 8) / 3)
+    x, y = torch.randn(3, 5, 8), torch.randint(0, 3, (3, 5))
+    norms = measure(model, x, y, "mean")
+    assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y) / 9)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_captured_attention_dropout_with_returned_weights(need_weights):
+    model = Attention(True, need_weights, weights_in_loss=need_weights, dropout=0.3)
+    x, y = torch.randn(3, 5, 8), torch.randint(0, 3, (3, 5))
+    torch.manual_seed(1)
+    plain = model(x)
+    expected = sq_norms_by_backward_per_example(cross_entropy_per_example(plain, y), list(model.parameters()))
+    torch.manual_seed(1)
+    with PerExampleGradNorms(model) as norms:
+        out = model(x)
+        cross_entropy_per_example(out, y).sum().backward()
+    torch.testing.assert_close(out, plain)  # the same dropout masks, so the truth above is this forward's
+    assert_close(norms.sq_norms(), expected)
+
+
+# ---------------------------------------------------------------------- several backward passes
+
+
+def test_each_backward_pass_is_its_own_record():
+    model = MLP()
+    batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))), (torch.randn(3, 6), torch.randint(0, 3, (3,)))]
+    with PerExampleGradNorms(model) as norms:
+        for x, y in batches:  # gradient accumulation: a forward and a backward per micro-batch
+            (cross_entropy_per_example(model(x), y).mean() / 2).backward()
+    assert len(norms) == 2
+    for index, (x, y) in enumerate(batches):
+        expected = sq_norms_by_loop(model, cross_entropy_per_example, x, y) / (2 * len(x)) ** 2
+        assert_close(norms.sq_norms(index), expected)
+    records = norms.pop()
+    assert [r.batch_size for r in records] == [4, 3]
+    assert len(norms) == 0
+    with pytest.raises(RuntimeError, match="No per-example norms recorded"):
+        norms.sq_norms()
+
+
+def test_two_forwards_then_two_backwards_stay_apart():
+    model = MLP()
+    (x1, y1), (x2, y2) = (torch.randn(4, 6), torch.randint(0, 3, (4,))), (torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    with PerExampleGradNorms(model) as norms:
+        loss1 = cross_entropy_per_example(model(x1), y1).sum()
+        loss2 = cross_entropy_per_example(model(x2), y2).sum()
+        loss1.backward()
+        loss2.backward()
+    assert_close(norms.sq_norms(0), sq_norms_by_loop(model, cross_entropy_per_example, x1, y1))
+    assert_close(norms.sq_norms(1), sq_norms_by_loop(model, cross_entropy_per_example, x2, y2))
+
+
+def test_no_record_without_parameter_gradients():
+    model = MLP()
+    x = torch.randn(3, 6, requires_grad=True)
+    with PerExampleGradNorms(model) as norms:
+        torch.autograd.grad(model(x).sum(), x)  # an input gradient: no parameter gets one
+        with torch.no_grad():
+            model(x)
+    assert len(norms) == 0
+
+
+# ---------------------------------------------------------------------- shared modules and tied weights
+
+
+class TwiceApplied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+class TiedLanguageModel(nn.Module):
+    def __init__(self, vocab: int = 11, dim: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.ln(self.embed(ids)))
+
+
+def test_module_called_twice_sums_its_gradients_before_squaring():
+    model = TwiceApplied()
+    x, y = torch.randn(5, 5), torch.randint(0, 3, (5,))
+    norms = measure(model, x, y, "mean")
+    assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y) / 25)
+    losses = cross_entropy_per_example(model(x), y)
+    shared_truth = sq_norms_by_backward_per_example(losses, list(model.shared.parameters())) / 25
+    assert_close(norms.sq_norms_by_module()["shared"], shared_truth)
+    # Summing the calls' squared norms instead would be wrong, and measurably so here.
+    calls: list[tuple[Tensor, Tensor]] = []
+
+    def keep_call(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+        out.register_hook(lambda g: calls.append((args[0], g)))
+
+    handle = model.shared.register_forward_hook(keep_call)
+    cross_entropy_per_example(model(x), y).mean().backward()
+    handle.remove()
+    naive = sum(linear_sq_norm(model.shared, (a,), g) for a, g in calls)
+    assert not torch.allclose(naive.double(), shared_truth, rtol=1e-2)
+
+
+def test_tied_weights_are_one_unit():
+    model = TiedLanguageModel()
+    ids, targets = torch.randint(0, 11, (4, 6)), torch.randint(0, 11, (4, 6))
+    norms = measure(model, ids, targets, "sum")
+    assert "embed+head" in norms.sq_norms_by_module()
+    assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, ids, targets))
+
+
+def test_include_brings_a_tied_partner_along():
+    model = TiedLanguageModel()
+    ids, targets = torch.randint(0, 11, (4, 6)), torch.randint(0, 11, (4, 6))
+    norms = measure(model, ids, targets, "sum", include=[nn.Embedding])
+    assert norms.measured_modules == ["embed+head"]
+    losses = cross_entropy_per_example(model(ids), targets)
+    assert_close(norms.sq_norms(), sq_norms_by_backward_per_example(losses, [model.embed.weight]))
+
+
+# ---------------------------------------------------------------------- fallback and coverage
+
+
+class ScaledLinear(nn.Module):
+    """A raw parameter next to a child with a rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(4))
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x * self.scale)
+
+
+class FunctionalHead(nn.Module):
+    """Uses a child's weight without calling the child: hooks on the child never fire."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(torch.relu(self.body(x)), self.proj.weight, self.proj.bias)
+
+
+def test_fallback_for_a_raw_parameter_warns_once_and_is_exact():
+    model = nn.Sequential(ScaledLinear(), nn.Tanh(), nn.Linear(3, 4), ScaledLinear())
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with pytest.warns(NormRuleFallbackWarning, match=r"ScaledLinear.*register_norm_rule\(ScaledLinear\)") as record:
+        norms = PerExampleGradNorms(model).attach()
+    assert len([w for w in record if issubclass(w.category, NormRuleFallbackWarning)]) == 1
+    reduce_loss(cross_entropy_per_example(model(x), y), "mean").backward()
+    norms.remove()
+    assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y) / 25)
+    assert set(norms.sq_norms_by_module()) == {"0", "0.linear", "2", "3", "3.linear"}
+
+
+class Temperature(nn.Module):
+    """A scalar raw parameter: its per-example gradients are ``[N]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_temperature = nn.Parameter(torch.tensor(0.3))
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x) / self.log_temperature.exp()
+
+
+def test_fallback_for_a_scalar_parameter():
+    model = Temperature()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with pytest.warns(NormRuleFallbackWarning, match="Temperature"):
+        norms = measure(model, x, y, "sum")
+    assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y))
+
+
+def test_strict_refuses_the_fallback():
+    with pytest.raises(TypeError, match=r"No per-example norm rule for ScaledLinear.*strict=True"):
+        PerExampleGradNorms(ScaledLinear(), strict=True).attach()
+
+
+def test_registered_rule_replaces_the_fallback(monkeypatch):
+    monkeypatch.setattr(registry, "_NORM_RULES", dict(registry._NORM_RULES))
+
+    @registry.register_norm_rule(ScaledLinear)
+    def scaled_linear_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+        x = inputs[0]
+        grad_in = grad_output @ module.linear.weight  # gradient of x * scale
+        scale = (grad_in * x).square().sum(1)
+        return scale + grad_output.square().sum(1) * ((x * module.scale).square().sum(1) + 1)
+
+    model = ScaledLinear()
+    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        norms = measure(model, x, y, "sum", strict=True)
+    assert norms.measured_modules == ["(root)"]
+    assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y))
+
+
+def test_unmeasured_parameter_is_named():
+    model = FunctionalHead()
+    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    with pytest.warns(UnmeasuredParameterWarning, match=r"proj\.bias, proj\.weight"):
+        norms = measure(model, x, y, "sum")
+    assert norms.records[-1].unmeasured == ("proj.bias", "proj.weight")
+    with pytest.raises(RuntimeError, match=r"no per-example hook measured: proj\.bias, proj\.weight"):
+        measure(model, x, y, "sum", strict=True)
+
+
+# ---------------------------------------------------------------------- BatchNorm
+
+
+def test_batch_norm_in_training_mode_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(4, 3, 6, 6)
+    model(x)
+    with PerExampleGradNorms(model), pytest.raises(ValueError, match=r"`1` \(BatchNorm2d\).*GroupNorm or LayerNorm"):
+        model(x)
+    with PerExampleGradNorms(model, include=[nn.Linear]), pytest.raises(ValueError, match="`ddp` or `accumulation`"):
+        model(x)  # measuring only the head does not help: BatchNorm still mixes the examples upstream
+
+
+def test_batch_norm_in_eval_mode_is_fine_frozen_or_not():
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    model(torch.randn(16, 4) * 3)  # non-trivial running statistics
+    model[1].eval()
+    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    norms = measure(model, x, y, "sum")
+    assert "1" in norms.sq_norms_by_module()
+    assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y))
+    model[1].requires_grad_(False)
+    norms = measure(model, x, y, "sum")
+    assert "1" not in norms.sq_norms_by_module()
+    assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y))
+
+
+# ---------------------------------------------------------------------- include, frozen, hooks
+
+
+def test_include_measures_only_those_modules():
+    model = TransformerBlock()
+    ids, targets = torch.randint(0, 13, (3, 6)), torch.randint(0, 13, (3, 6))
+    norms = measure(model, ids, targets, "sum", include=[nn.LayerNorm])
+    assert norms.measured_modules == ["ln1", "ln2", "ln_f"]
+    ln_params = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+    losses = cross_entropy_per_example(model(ids), targets)
+    assert_close(norms.sq_norms(), sq_norms_by_backward_per_example(losses, ln_params))
+    with PerExampleGradNorms(model, include=[nn.LayerNorm]):
+        hooked = [name for name, m in model.named_modules() if m._forward_hooks]
+    assert hooked == ["ln1", "ln2", "ln_f"]
+
+
+def test_frozen_parameters_are_skipped():
+    model = SmallCNN()
+    model.features[0].requires_grad_(False)
+    model.features[1].weight.requires_grad_(False)
+    x, y = torch.randn(3, 3, 8, 8), torch.randint(0, 4, (3,))
+    norms = measure(model, x, y, "sum")
+    assert "features.0" not in norms.measured_modules
+    assert_close(norms.sq_norms(), sq_norms_by_vmap(model, cross_entropy_per_example, x, y))
+    assert len(trainable(model)) == len(norms.measured_parameters)
+
+
+def test_attach_twice_raises_and_remove_leaves_no_hooks():
+    model = TransformerBlock()
+    model.insert_bn = nn.BatchNorm1d(3)  # BatchNorm gets a pre-hook: it must go too
+    norms = PerExampleGradNorms(model).attach()
+    with pytest.raises(RuntimeError, match=r"already attached.*remove\(\)"):
+        norms.attach()
+    assert norms.attached
+    norms.remove()
+    norms.remove()  # harmless
+    assert not norms.attached
+    for module in model.modules():
+        assert not module._forward_hooks
+        assert not module._forward_pre_hooks
+        assert not module._backward_hooks
+    for param in model.parameters():
+        assert not param._backward_hooks
+    model(torch.randint(0, 13, (2, 4))).sum().backward()
+    assert len(norms) == 0
+    norms.attach()  # attaching again after remove works
+    model(torch.randint(0, 13, (2, 4))).sum().backward()
+    assert len(norms) == 1
+    norms.remove()
+
+
+def test_hooks_of_a_removed_engine_do_not_record():
+    model = MLP()
+    norms = PerExampleGradNorms(model).attach()
+    out = model(torch.randn(3, 6))
+    norms.remove()
+    out.sum().backward()
+    assert len(norms) == 0
+
+
+def test_a_failing_attention_forward_leaves_no_capture_behind():
+    model = TransformerBlock()
+    with PerExampleGradNorms(model):
+        with pytest.raises(AssertionError):
+            model.attn(torch.randn(2, 3, 16), torch.randn(2, 4, 16), torch.randn(2, 5, 16))  # key/value mismatch
+        assert torch._C._len_torch_function_stack() == 0
+        model.eval()
+        with torch.no_grad():  # the inference fast path stays available
+            model(torch.randint(0, 13, (2, 4)))
+        assert torch._C._len_torch_function_stack() == 0
+
+
+def test_include_rejects_non_module_types():
+    with pytest.raises(TypeError, match="include"):
+        PerExampleGradNorms(MLP(), include=[int])  # type: ignore[list-item]
+
+
+# ---------------------------------------------------------------------- edge cases
+
+
+def test_inplace_activation_after_a_conv_and_no_grad_inputs():
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(12, 2))
+    x, y = torch.randn(4, 2, 6), torch.randint(0, 2, (4,))
+    norms = measure(model, x, y, "sum")
+    assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y))
+
+
+def test_non_reentrant_checkpointing():
+    model = MLP()
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    with PerExampleGradNorms(model) as norms:
+        out = checkpoint(model.net, x, use_reentrant=False)
+        cross_entropy_per_example(out, y).sum().backward()
+    assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y))
+
+
+def test_retained_graph_is_measured_once_then_reported():
+    model = MLP()
+    with PerExampleGradNorms(model) as norms:
+        loss = model(torch.randn(3, 6)).sum()
+        loss.backward(retain_graph=True)
+        with pytest.warns(UnmeasuredParameterWarning, match="retain_graph=True"):
+            loss.backward()
+    assert len(norms) == 1
+
+
+def test_input_gradient_first_then_parameter_backward():
+    model = MLP()
+    x, y = torch.randn(4, 6, requires_grad=True), torch.randint(0, 3, (4,))
+    with PerExampleGradNorms(model) as norms:
+        loss = cross_entropy_per_example(model(x), y).sum()
+        torch.autograd.grad(loss, x, retain_graph=True)  # e.g. an input saliency: no parameter gradient
+        loss.backward()
+    assert len(norms) == 1
+    assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x.detach(), y))
+
+
+def test_gradient_penalty_is_warned():
+    model = MLP()
+    x = torch.randn(4, 6, requires_grad=True)
+    with PerExampleGradNorms(model):
+        with pytest.warns(UnmeasuredParameterWarning, match="create_graph=True"):
+            (gx,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        with pytest.warns(UnmeasuredParameterWarning, match=r"net\.5\.weight"):
+            gx.square().sum().backward()  # the second-order path reaches the last weight outside its hook
+
+
+def test_inconsistent_batch_sizes_raise():
+    class UnbatchedPositions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens, self.positions = nn.Embedding(5, 4), nn.Embedding(7, 4)
+
+        def forward(self, ids: Tensor) -> Tensor:
+            return self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))
+
+    model = UnbatchedPositions()
+    with PerExampleGradNorms(model), pytest.raises(ValueError, match=r"different batch sizes.*arange\(T\)"):
+        model(torch.randint(0, 5, (2, 7))).sum().backward()
+
+
+def test_autocast_bfloat16_gives_float32_norms_close_to_float32():
+    model = TransformerBlock()
+    ids, targets = torch.randint(0, 13, (3, 6)), torch.randint(0, 13, (3, 6))
+    reference = measure(model, ids, targets, "sum").sq_norms()
+    with PerExampleGradNorms(model) as norms:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids)
+        cross_entropy_per_example(logits.float(), targets).sum().backward()
+    assert norms.sq_norms().dtype == torch.float32
+    torch.testing.assert_close(norms.sq_norms(), reference, rtol=0.1, atol=0)
+
+
+def test_multihead_attention_sequence_first_with_padding_mask():
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)  # batch_first=False: [T, N, E]
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            padding = x[..., 0] > 0.5  # depends on the example alone, so the naive loop sees the same mask
+            padding[:, 0] = False
+            h = x.transpose(0, 1)
+            return self.head(self.attn(h, h, h, key_padding_mask=padding)[0].transpose(0, 1))
+
+    model = Encoder()
+    x, y = torch.randn(3, 5, 8), torch.randint(0, 3, (3, 5))
+    norms = measure(model, x, y, "mean")
+    assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y) / 9)
