@@ -23,12 +23,14 @@ def _engine_method(include: tuple[type[nn.Module], ...] | None):
     def factory(model: nn.Module, loss_fn: LossFn) -> Step:
         engine = PerExampleGradNorms(model, include=include).attach()
 
-        def fn(inputs: Tensor, targets: Tensor) -> Tensor:
+        def fn(inputs: Tensor, targets: Tensor) -> Tensor | None:
             loss = loss_fn(model(inputs), targets)
             loss.backward()
-            (record,) = engine.pop()
+            records = engine.pop()
+            if not records:  # nothing to measure (no layer of the included types)
+                return None
             # The loss is a mean over the batch: the hooks saw g_i / N.
-            return record.sq_norms * inputs.shape[0] ** 2
+            return records[0].sq_norms * inputs.shape[0] ** 2
 
         covered = set()
         if include is not None:

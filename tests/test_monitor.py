@@ -259,3 +259,15 @@ def test_estimates_view_is_read_only_and_nan_is_reported_not_clamped(problem):
         monitor.estimates["b_simple"] = torch.tensor(1.0)  # type: ignore[index]
     value = float(monitor.estimates["b_simple"])
     assert math.isnan(value) == (not bool(monitor.estimates["b_simple_valid"]))
+
+
+def test_norm_layers_only_matches_exact_truth_of_those_parameters(problem):
+    net, dataset, _ = problem
+    monitor = NoiseScaleMonitor(source="per_example", per_example_include=(nn.LayerNorm,))
+    _fit_fixed_weights(net, dataset, monitor, epochs=60, batch_size=32)
+    # Independent truth: the exact per-example gradients of the LayerNorm parameters alone.
+    reference = _copy(net)
+    for module in reference:
+        module.requires_grad_(isinstance(module, nn.LayerNorm))
+    truth = exact_truth(reference, dataset)
+    _assert_matches_truth(monitor.metric.compute(), truth)

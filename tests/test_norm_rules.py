@@ -121,6 +121,7 @@ def test_linear_refuses_unbatched_input():
 # ---------------------------------------------------------------------- Conv
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @HYPOTHESIS
 @given(
     dims=st.sampled_from([1, 2, 3]),
@@ -384,6 +385,30 @@ def test_fallback_per_example_grads_match_exact():
     layout = batch_layout(layer, (x,), {}, num_outputs=1)
     got = sq_norm_of_grads(per_example_grads(layer, dict(layer.named_parameters()), layout, [weights]))
     torch.testing.assert_close(got, layer_sq_norms_by_vmap(layer, x, weights), rtol=RTOL, atol=0)
+
+
+class Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return mask @ (x @ self.weight)
+
+
+def test_fallback_shares_a_positional_tensor_of_another_length():
+    layer = Masked()
+    x, mask = torch.randn(5, 3, 4, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64).tril()
+    layout = batch_layout(layer, (x, mask), {}, num_outputs=1)
+    assert layout.arg_dims == {0: 0}
+    weights = torch.randn(5, 3, 4, dtype=torch.float64)
+    got = sq_norm_of_grads(per_example_grads(layer, dict(layer.named_parameters()), layout, [weights]))
+    out = layer(x, mask)
+    per_example = (out * weights).sum((1, 2))
+    expected = torch.stack(
+        [torch.autograd.grad(per_example[i], layer.weight, retain_graph=True)[0].square().sum() for i in range(5)]
+    )
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=0)
 
 
 def test_fallback_replays_multihead_attention_sequence_first():

@@ -52,11 +52,8 @@ class PerExampleSource(GradientSource):
         """Hook the measured modules of ``model``."""
         super().attach(model)
         self._engine = PerExampleGradNorms(model, include=self.include, strict=self.strict).attach()
-        if self.include is None:
-            self._params = _trainable(model)
-        else:
-            measured = [m for m in model.modules() if isinstance(m, tuple(self.include))]
-            self._params = list({id(p): p for m in measured for p in m.parameters() if p.requires_grad}.values())
+        # The big-batch norm covers exactly what the hooks measure, so both norms describe the same gradient.
+        self._params = _trainable(model) if self.include is None else list(self._engine.measured_parameters)
 
     def detach(self) -> None:
         """Remove the hooks."""

@@ -180,6 +180,17 @@ class PerExampleGradNorms:
 
     Example::
 
+        >>> layer = nn.Linear(2, 1)
+        >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> with PerExampleGradNorms(layer) as norms:
+        ...     layer(x).sum().backward()
+        >>> norms.sq_norms()  # each example's gradient is (x_i, 1): |x_i|² + 1
+        tensor([ 6., 26.])
+        >>> norms.pop()[0].by_module
+        {'(root)': tensor([ 6., 26.])}
+
+        Several layers, against a per-example loop:
+
         >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
         >>> x = torch.randn(5, 3)

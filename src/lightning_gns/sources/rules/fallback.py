@@ -9,8 +9,9 @@ example's gradient. This materialises per-example gradients, so it costs memory
 
 The batch dimension is 0 for every output and for the positional tensor arguments whose
 first dimension matches the first one's (the others, like keyword tensors, are shared by
-all examples: a shared ``[T, T]`` mask with ``T = N`` would be mistaken for a batched one). :class:`torch.nn.MultiheadAttention` is special-cased:
-its ``batch_first=False`` layout, ``key_padding_mask`` and 3-D ``attn_mask`` are batched.
+all examples: a shared ``[T, T]`` mask with ``T = N`` would be mistaken for a batched one).
+:class:`torch.nn.MultiheadAttention` is special-cased: its ``batch_first=False`` layout,
+``key_padding_mask`` and 3-D ``attn_mask`` are batched.
 """
 
 from __future__ import annotations
