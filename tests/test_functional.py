@@ -133,6 +133,9 @@ def test_finite_population_expectations(replace):
     # The two cases are told apart: the finite-population term is far from a rounding error here.
     other_g = grad_sq_norm_true if not replace else grad_sq_norm_true - trace_s2 / n
     assert abs(z_score(grad_sq_norm, other_g)) > 5 * Z_CRIT
+    if not replace:  # adding back tr/N makes the estimate unbiased for the full-data |G|²
+        corrected, _ = gns_estimates(small, big, 4, 16, population_size=n)
+        assert abs(z_score(corrected, grad_sq_norm_true)) < Z_CRIT
 
 
 def _coverage(out: dict[str, torch.Tensor], truth: float) -> float:
@@ -299,6 +302,7 @@ def test_no_host_sync_on_the_per_step_path():
         ((torch.tensor(1.0), torch.tensor([1, 2]), 4, 16), TypeError, r"`sq_norm_big`.*torch.int64"),
         ((torch.tensor(1.0), "1.0", 4, 16), TypeError, r"`sq_norm_big`.*str"),
         ((torch.tensor(1.0), torch.tensor(1.0), None, 16), TypeError, r"`batch_small`.*NoneType"),
+        ((torch.tensor(2.0), torch.tensor(1.0), 4, 16, 1), ValueError, r"`population_size`.*int >= 2"),
     ],
 )
 def test_bad_input_errors(args, error, match):
@@ -315,3 +319,12 @@ def test_bad_options_errors():
         ema_update(ema_init(), torch.tensor(1.0), torch.tensor(0.5), 4, 16, horizon=0)
     with pytest.raises(ValueError, match=r"`elapsed` to be positive"):
         ema_update(ema_init(), torch.tensor(1.0), torch.tensor(0.5), 4, 16, horizon=10.0, elapsed=0)
+
+
+def test_confidently_negative_ratio_gives_no_interval():
+    # |G|² confidently below zero (finite-population bias near convergence): no band, not a false [0, 0].
+    lower, upper = ratio_interval(
+        torch.tensor(10.0), torch.tensor(-1.0), torch.tensor(0.1), torch.tensor(0.01), torch.tensor(0.0)
+    )
+    assert math.isnan(float(lower))
+    assert math.isnan(float(upper))

@@ -57,11 +57,11 @@ def _copy(net: nn.Module) -> nn.Module:
     return clone
 
 
-def _assert_matches_truth(out, truth, rel=0.05):
+def _assert_matches_truth(out, truth, rel=0.05, corrected=True):
+    expected_grad = truth["expected_grad_sq_norm" if corrected else "expected_grad_sq_norm_uncorrected"]
     assert float(out["trace_sigma"]) == pytest.approx(truth["expected_trace_sigma"], rel=rel)
-    assert float(out["grad_sq_norm"]) == pytest.approx(truth["expected_grad_sq_norm"], rel=rel)
-    expected_ratio = truth["expected_trace_sigma"] / truth["expected_grad_sq_norm"]
-    assert float(out["b_simple"]) == pytest.approx(expected_ratio, rel=rel)
+    assert float(out["grad_sq_norm"]) == pytest.approx(expected_grad, rel=rel)
+    assert float(out["b_simple"]) == pytest.approx(truth["expected_trace_sigma"] / expected_grad, rel=rel)
 
 
 @pytest.mark.parametrize(
@@ -78,6 +78,22 @@ def test_source_matches_exact_per_example_truth(problem, source, accumulate, bat
     # The smoothed estimate (what is logged) agrees with the run average within its own uncertainty.
     smoothed = monitor.estimates
     assert float(smoothed["b_simple_lower"]) <= float(out["b_simple"]) <= float(smoothed["b_simple_upper"])
+
+
+def test_without_finite_population_correction_the_grad_estimate_carries_its_bias(problem):
+    net, dataset, truth = problem
+    runs = {}
+    for correct in (False, True):
+        torch.manual_seed(11)  # the same batches for both runs
+        monitor = NoiseScaleMonitor(source="per_example", finite_population=correct)
+        _fit_fixed_weights(net, dataset, monitor, epochs=60, batch_size=32)
+        runs[correct] = monitor.metric.compute()
+    _assert_matches_truth(runs[False], truth, corrected=False)
+    _assert_matches_truth(runs[True], truth, corrected=True)
+    # Step by step the correction adds tr(Σ)/N to the |G|² estimate, N being the training set's size.
+    torch.testing.assert_close(
+        runs[True]["grad_sq_norm"], runs[False]["grad_sq_norm"] + runs[False]["trace_sigma"] / len(dataset)
+    )
 
 
 def test_auto_picks_per_example_on_one_device_and_accumulation_when_accumulating(problem):
@@ -169,6 +185,7 @@ def test_tensorboard_gets_tags_and_layout_csv_gets_tags(problem, tmp_path):
     assert expected <= tags
     assert len(events.Scalars("gns/b_simple")) == 32 // 4
     assert all(e.value == 32 for e in events.Scalars("gns/batch_size"))
+    assert [e.value for e in events.Scalars("gns/examples")] == [32.0 * 4 * (i + 1) for i in range(8)]
     layout = layout_pb2.Layout()
     raw = [e for e in _raw_events(tmp_path / "tb" / "version_0") if e.HasField("summary")]
     layout_values = [

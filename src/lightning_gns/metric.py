@@ -117,9 +117,16 @@ class GradientNoiseScale(Metric):
         sq_norm_big: Tensor | float,
         batch_small: BatchSize,
         batch_big: BatchSize,
+        population_size: int | None = None,
     ) -> None:
-        """Fold in the squared norms of one or more steps (shape ``(*steps, *group_shape)``)."""
-        sums, skipped = _gns_update(sq_norm_small, sq_norm_big, batch_small, batch_big, self.group_shape)
+        """Fold in the squared norms of one or more steps (shape ``(*steps, *group_shape)``).
+
+        ``population_size``: the number of examples the batches are drawn from without replacement, which makes
+        the :math:`|G|^2` estimate unbiased for the full data (see :func:`~lightning_gns.functional.gns_estimates`).
+        """
+        sums, skipped = _gns_update(
+            sq_norm_small, sq_norm_big, batch_small, batch_big, self.group_shape, population_size
+        )
         dtype = self.num_steps.dtype
         self.num_steps += sums.weight.to(dtype)
         self.num_skipped += skipped.to(dtype)

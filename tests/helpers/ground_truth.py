@@ -73,8 +73,10 @@ def exact_truth(net: nn.Module, dataset: TensorDataset) -> dict[str, float]:
     return {
         "grad_sq_norm": grad_sq_norm,
         "trace_s2": trace_s2,
-        # Batches without replacement (DESIGN.md): E[trace] = tr(S²), E[|G|²] = |G|² - tr(S²)/N.
+        # Batches without replacement (DESIGN.md): E[trace] = tr(S²), E[|G|²] = |G|² - tr(S²)/N, and |G|² itself
+        # once the estimator adds back tr/N (`population_size=N`, the monitor's default).
         "expected_trace_sigma": trace_s2,
-        "expected_grad_sq_norm": grad_sq_norm - trace_s2 / n,
+        "expected_grad_sq_norm_uncorrected": grad_sq_norm - trace_s2 / n,
+        "expected_grad_sq_norm": grad_sq_norm,
         "b_simple": trace_s2 / grad_sq_norm,
     }

@@ -29,7 +29,7 @@ SourceName = Literal["auto", "ddp", "accumulation", "per_example"]
 _SOURCES = ("auto", "ddp", "accumulation", "per_example")
 
 #: Steps' worth of examples (at the first step's batch size) that the moving average remembers by default.
-DEFAULT_HORIZON_STEPS = 50
+DEFAULT_HORIZON_STEPS = 100
 
 
 class NoiseScaleMonitor(Callback):
@@ -64,6 +64,7 @@ class NoiseScaleMonitor(Callback):
     ``b_crit``                suggested batch size: ``b_crit_factor`` × B_simple (B_simple has been measured
                               1.4–5× above the critical batch size of a sweep; lower the factor to be cautious)
     ``batch_size``            the step's big batch (examples per optimizer step, all ranks)
+    ``examples``              examples seen by the optimizer steps so far (all ranks)
     ``num_skipped``           steps left out so far because their gradients were not finite
     ========================  ===================================================================
 
@@ -72,7 +73,7 @@ class NoiseScaleMonitor(Callback):
 
     Args:
         source: where the two gradient norms come from; see the table.
-        horizon_examples: time constant of the moving average, in examples. ``None``: 50 steps' worth at the
+        horizon_examples: time constant of the moving average, in examples. ``None``: 100 steps' worth at the
             first step's batch size (kept fixed afterwards, so a growing batch keeps the same history).
         confidence: coverage of the logged interval.
         log_every_n_steps: logging period in optimizer steps; ``None`` uses the Trainer's.
@@ -81,6 +82,10 @@ class NoiseScaleMonitor(Callback):
         b_crit_factor: ``b_crit`` = this × B_simple.
         per_example_include: with the ``per_example`` source, measure only these module types (for example
             ``(nn.LayerNorm,)``, the cheapest signal that tracks the whole model); ``None`` measures all.
+        finite_population: the batches of an epoch are drawn without replacement from the training set's
+            :math:`N` examples, which biases the :math:`|G|^2` estimate by :math:`-\operatorname{tr}(S^2)/N`; with
+            this on (and a training set with a length) the bias is taken out, so that the logged :math:`|G|^2` and
+            B_simple are those of the full data. It matters once B_simple is not small against :math:`N`.
 
     Raises:
         MisconfigurationException: for an unknown source or invalid option, and at ``setup`` when the run cannot
@@ -103,12 +108,13 @@ class NoiseScaleMonitor(Callback):
         prog_bar: bool = False,
         b_crit_factor: float = 1.0,
         per_example_include: tuple[type[torch.nn.Module], ...] | None = None,
+        finite_population: bool = True,
     ) -> None:
         if source not in _SOURCES:
             raise MisconfigurationException(f"Expected `source` to be one of {_SOURCES}, but got {source!r}.")
         if horizon_examples is not None and not horizon_examples > 0:
             raise MisconfigurationException(
-                f"Expected `horizon_examples` > 0 (examples of history), or None for 50 steps' worth; got "
+                f"Expected `horizon_examples` > 0 (examples of history), or None for 100 steps' worth; got "
                 f"{horizon_examples!r}."
             )
         if log_every_n_steps is not None and log_every_n_steps < 1:
@@ -127,11 +133,14 @@ class NoiseScaleMonitor(Callback):
         self.prog_bar = prog_bar
         self.b_crit_factor = b_crit_factor
         self.per_example_include = per_example_include
+        self.finite_population = finite_population
+        self.population_size: int | None = None
 
         self.metric = GradientNoiseScale(confidence=confidence, sync_on_compute=False)
         self._source: GradientSource | None = None
         self._ema: NoiseScaleEMA | None = None
         self._num_skipped = torch.zeros(())
+        self._examples_seen = torch.zeros((), dtype=torch.float64)
         self._last_batch_big: Tensor | None = None
         self._batch_examples = 0
         self._comm_hook_registered_by_lightning = False
@@ -157,6 +166,7 @@ class NoiseScaleMonitor(Callback):
         out["b_crit"] = out["b_simple"] * self.b_crit_factor
         if self._last_batch_big is not None:
             out["batch_size"] = self._last_batch_big
+        out["examples"] = self._examples_seen
         return MappingProxyType(out)
 
     # -- wiring ---------------------------------------------------------------------------------------------------
@@ -241,6 +251,8 @@ class NoiseScaleMonitor(Callback):
                 ddp_model = strategy.model
                 assert isinstance(ddp_model, DistributedDataParallel)  # DDPStrategy.setup wrapped it
                 ddp_model.register_comm_hook(strategy._ddp_comm_state, self._source.comm_hook)
+        if self.finite_population:
+            self.population_size = _training_set_size(trainer)
         if not trainer.loggers:
             rank_zero_warn(
                 "NoiseScaleMonitor has no logger to write to; the estimates are still available in "
@@ -317,6 +329,7 @@ class NoiseScaleMonitor(Callback):
         if self._ema.weight.device != device:  # first step, or first step after a restore
             self._ema = NoiseScaleEMA(*(t.to(device) for t in self._ema))
             self._num_skipped = self._num_skipped.to(device)
+            self._examples_seen = self._examples_seen.to(device)
             self.metric.to(device)
         self._ema, skipped = ema_update(
             self._ema,
@@ -326,10 +339,14 @@ class NoiseScaleMonitor(Callback):
             norms.batch_big,
             horizon=self.horizon_examples,
             elapsed=norms.batch_big,
+            population_size=self.population_size,
         )
-        self.metric.update(norms.sq_norm_small, norms.sq_norm_big, norms.batch_small, norms.batch_big)
+        self.metric.update(
+            norms.sq_norm_small, norms.sq_norm_big, norms.batch_small, norms.batch_big, self.population_size
+        )
         self._last_batch_big = norms.batch_big
         self._num_skipped = self._num_skipped + skipped
+        self._examples_seen = self._examples_seen + norms.batch_big
 
     def _should_log(self, trainer: pl.Trainer) -> bool:
         # Lightning sets `Trainer.log_every_n_steps` at run time, hence unknown to type checkers.
@@ -347,9 +364,10 @@ class NoiseScaleMonitor(Callback):
             "grad_sq_norm",
             "b_crit",
             "batch_size",
+            "examples",
         )
         # The only host sync of the monitor, once per logging period.
-        values = torch.stack([estimates[k].float() for k in keys] + [self._num_skipped.float()]).tolist()
+        values = torch.stack([estimates[k].double() for k in keys] + [self._num_skipped.double()]).tolist()
         metrics = {f"{self.log_key_prefix}{k}": v for k, v in zip((*keys, "num_skipped"), values, strict=True)}
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
@@ -370,6 +388,7 @@ class NoiseScaleMonitor(Callback):
             "ema": None if self._ema is None else {k: v.detach().cpu() for k, v in self._ema._asdict().items()},
             "metric": {name: getattr(self.metric, name).detach().cpu() for name in self.metric._defaults},
             "num_skipped": self._num_skipped.detach().cpu(),
+            "examples_seen": self._examples_seen.detach().cpu(),
         }
 
     @override
@@ -380,6 +399,19 @@ class NoiseScaleMonitor(Callback):
         for name, value in state_dict["metric"].items():
             setattr(self.metric, name, value.clone())
         self._num_skipped = state_dict["num_skipped"].clone()
+        self._examples_seen = state_dict["examples_seen"].clone()
+
+
+def _training_set_size(trainer: pl.Trainer) -> int | None:
+    """The number of training examples, if the training set has a length (an IterableDataset has none)."""
+    loader = trainer.train_dataloader
+    dataset = getattr(loader, "dataset", None)
+    try:
+        size = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        rank_zero_info("NoiseScaleMonitor: the training set has no length; no finite-population correction.")
+        return None
+    return size if size >= 2 else None
 
 
 def _loss_scale(trainer: pl.Trainer) -> Tensor | None:

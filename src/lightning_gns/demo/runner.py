@@ -49,7 +49,7 @@ class _History(Callback):
             return
         row = {key: float(estimates[key]) for key in ("b_simple", "b_simple_lower", "b_simple_upper", "b_crit")}
         row["step"] = trainer.global_step
-        row["examples"] = trainer.global_step * float(estimates["batch_size"])
+        row["examples"] = float(estimates["examples"])
         self.result.history.append(row)
 
 

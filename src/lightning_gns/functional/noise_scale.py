@@ -72,6 +72,7 @@ def gns_estimates(
     sq_norm_big: Tensor | float,
     batch_small: BatchSize,
     batch_big: BatchSize,
+    population_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Unbiased estimates of :math:`|G|^2` and :math:`\operatorname{tr}(\Sigma)` from two batch sizes.
 
@@ -84,18 +85,27 @@ def gns_estimates(
     sizes are numbers or tensors that broadcast against them. A single estimate is noisy and may be negative;
     that is legal and must be kept, or averages become biased.
 
+    Batches drawn without replacement from a finite data set of :math:`N` examples (an epoch) bias the first
+    estimate: its expectation is :math:`|G|^2 - \operatorname{tr}(S^2)/N`, while the second stays unbiased for
+    :math:`\operatorname{tr}(S^2)`. Passing ``population_size=N`` adds the second estimate divided by :math:`N` to
+    the first, which makes it unbiased for the full-data :math:`|G|^2` (it matters when :math:`B_{simple}` is not
+    small against :math:`N`).
+
     Args:
         sq_norm_small: squared norm of the gradient averaged over ``batch_small`` examples.
         sq_norm_big: squared norm of the gradient averaged over ``batch_big`` examples.
         batch_small: the small batch size (examples), positive.
         batch_big: the big batch size, larger than ``batch_small``.
+        population_size: the number of examples the batches are drawn from without replacement, or ``None``
+            for i.i.d. draws (no correction).
 
     Returns:
         ``(grad_sq_norm, trace_sigma)``, each with the shape of the squared norms.
 
     Raises:
         TypeError: if a squared norm is an integer tensor or not a number.
-        ValueError: if the shapes differ, a batch size is not positive, or ``batch_small >= batch_big``.
+        ValueError: if the shapes differ, a batch size is not positive, ``batch_small >= batch_big``, or
+            ``population_size`` is smaller than 2.
 
     Example::
 
@@ -119,6 +129,13 @@ def gns_estimates(
     b_big = _as_batch(batch_big, small)
     grad_sq_norm = (b_big * big - b_small * small) / (b_big - b_small)
     trace_sigma = (small - big) / (1.0 / b_small - 1.0 / b_big)
+    if population_size is not None:
+        if isinstance(population_size, bool) or not isinstance(population_size, int) or population_size < 2:
+            raise ValueError(
+                f"Expected `population_size` to be the number of examples (an int >= 2), or None, but got "
+                f"{population_size!r}."
+            )
+        grad_sq_norm = grad_sq_norm + trace_sigma / population_size
     return grad_sq_norm, trace_sigma
 
 
@@ -193,10 +210,14 @@ class NoiseScaleSums(NamedTuple):
 
 
 def _finite_estimates(
-    sq_norm_small: Tensor | float, sq_norm_big: Tensor | float, batch_small: BatchSize, batch_big: BatchSize
+    sq_norm_small: Tensor | float,
+    sq_norm_big: Tensor | float,
+    batch_small: BatchSize,
+    batch_big: BatchSize,
+    population_size: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-step estimates with non-finite steps zeroed, and the mask of finite ones."""
-    grad_sq_norm, trace_sigma = gns_estimates(sq_norm_small, sq_norm_big, batch_small, batch_big)
+    grad_sq_norm, trace_sigma = gns_estimates(sq_norm_small, sq_norm_big, batch_small, batch_big, population_size)
     finite = torch.isfinite(grad_sq_norm) & torch.isfinite(trace_sigma)
     zero = torch.zeros_like(grad_sq_norm)
     return torch.where(finite, grad_sq_norm, zero), torch.where(finite, trace_sigma, zero), finite
@@ -208,13 +229,16 @@ def _gns_update(
     batch_small: BatchSize,
     batch_big: BatchSize,
     group_shape: tuple[int, ...] = (),
+    population_size: int | None = None,
 ) -> tuple[NoiseScaleSums, Tensor]:
     """Validate, estimate per step and sum over the leading (step) dimensions.
 
     Inputs have shape ``(*steps, *group_shape)``. Non-finite steps (an AMP overflow) are left out of the sums
     and counted in the second return value.
     """
-    grad_sq_norm, trace_sigma, finite = _finite_estimates(sq_norm_small, sq_norm_big, batch_small, batch_big)
+    grad_sq_norm, trace_sigma, finite = _finite_estimates(
+        sq_norm_small, sq_norm_big, batch_small, batch_big, population_size
+    )
     if tuple(grad_sq_norm.shape[grad_sq_norm.ndim - len(group_shape) :]) != tuple(group_shape):
         raise ValueError(
             f"Expected squared norms of shape (*steps, {', '.join(map(str, group_shape))}) to match "
@@ -278,6 +302,7 @@ def gradient_noise_scale(
     batch_big: BatchSize,
     group_shape: tuple[int, ...] = (),
     confidence: float = 0.9,
+    population_size: int | None = None,
 ) -> dict[str, Tensor]:
     r"""The noise scale of many steps at once: the functional twin of :class:`~lightning_gns.GradientNoiseScale`.
 
@@ -291,6 +316,7 @@ def gradient_noise_scale(
         batch_big: big batch size, likewise.
         group_shape: trailing dimensions that are kept apart (for example one entry per layer).
         confidence: coverage of the interval ``[b_simple_lower, b_simple_upper]``.
+        population_size: examples drawn from without replacement (see :func:`gns_estimates`), or ``None``.
 
     Returns:
         A dict with ``b_simple`` (NaN where undefined, see ``b_simple_valid``), ``b_simple_std`` (delta method),
@@ -306,7 +332,7 @@ def gradient_noise_scale(
         (tensor(11.7647), tensor(2.))
     """
     _check_confidence(confidence)
-    sums, skipped = _gns_update(sq_norm_small, sq_norm_big, batch_small, batch_big, tuple(group_shape))
+    sums, skipped = _gns_update(sq_norm_small, sq_norm_big, batch_small, batch_big, tuple(group_shape), population_size)
     out = _gns_compute(sums, confidence)
     out["num_steps"] = sums.weight
     out["num_skipped"] = skipped

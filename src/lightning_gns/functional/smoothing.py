@@ -58,6 +58,7 @@ def ema_update(
     batch_big: BatchSize,
     horizon: float,
     elapsed: float | Tensor = 1.0,
+    population_size: int | None = None,
 ) -> tuple[NoiseScaleEMA, Tensor]:
     r"""Fold one step's squared norms into the moving average.
 
@@ -73,6 +74,7 @@ def ema_update(
         horizon: time constant of the average, in the unit of ``elapsed``.
         elapsed: the time this step covers: ``1`` for a horizon in steps, the number of examples in the step
             (usually ``batch_big``) for a horizon in examples.
+        population_size: examples drawn from without replacement (see :func:`gns_estimates`), or ``None``.
 
     Returns:
         ``(new_state, skipped)``: the updated state and a boolean tensor marking entries left out.
@@ -93,7 +95,9 @@ def ema_update(
         raise ValueError(f"Expected `horizon` to be a positive, finite number of steps or examples, got {horizon!r}.")
     if isinstance(elapsed, int | float) and not elapsed > 0:
         raise ValueError(f"Expected `elapsed` to be positive (1 step or the examples in the step), got {elapsed!r}.")
-    grad_sq_norm, trace_sigma, finite = _finite_estimates(sq_norm_small, sq_norm_big, batch_small, batch_big)
+    grad_sq_norm, trace_sigma, finite = _finite_estimates(
+        sq_norm_small, sq_norm_big, batch_small, batch_big, population_size
+    )
     # 1 - β computed as -expm1 keeps its precision when the horizon is many orders longer than one step.
     new_weight = -torch.expm1(-torch.as_tensor(elapsed, dtype=grad_sq_norm.dtype, device=grad_sq_norm.device) / horizon)
     new_weight = torch.where(finite, new_weight, torch.zeros_like(grad_sq_norm))

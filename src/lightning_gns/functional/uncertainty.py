@@ -62,7 +62,8 @@ def ratio_interval(
         confidence: two-sided coverage, for example 0.9.
 
     Returns:
-        ``(lower, upper)``, tensors of the broadcast shape; NaN where the inputs are NaN.
+        ``(lower, upper)``, tensors of the broadcast shape; NaN where the inputs are NaN or where every ratio the
+        data allow is negative.
 
     Example::
 
@@ -91,6 +92,9 @@ def ratio_interval(
     whole_line = (discriminant < 0) | (root_plus >= 0)
     lower = torch.where(bounded, root_minus.clamp(min=0.0), torch.where(whole_line, zero, root_minus.clamp(min=0.0)))
     upper = torch.where(bounded, root_plus.clamp(min=0.0), inf)
-    missing = ~(torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(var_num) & torch.isfinite(var_den))
+    # A bounded set of only negative ratios (|G|² or tr Σ confidently below 0, e.g. the finite-population bias of
+    # |G|² near convergence) says nothing about a non-negative noise scale: no interval rather than [0, 0].
+    empty = bounded & (root_plus < 0)
+    missing = empty | ~(torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(var_num) & torch.isfinite(var_den))
     nan = torch.full_like(lower, float("nan"))
     return torch.where(missing, nan, lower), torch.where(missing, nan, upper)
