@@ -288,3 +288,32 @@ def test_norm_layers_only_matches_exact_truth_of_those_parameters(problem):
         module.requires_grad_(isinstance(module, nn.LayerNorm))
     truth = exact_truth(reference, dataset)
     _assert_matches_truth(monitor.metric.compute(), truth)
+
+
+def test_per_layer_breakdown_matches_each_layers_exact_truth(problem, tmp_path):
+    net, dataset, _ = problem
+    monitor = NoiseScaleMonitor(source="per_example", per_layer=True)
+    csv = CSVLogger(tmp_path, name="csv", version=0)
+    _fit_fixed_weights(net, dataset, monitor, epochs=60, batch_size=32, logger=csv, log_every_n_steps=8)
+    assert monitor.layer_metric is not None
+    out = monitor.layer_metric.compute()
+    names = monitor.source.layer_names
+    assert names == ["net.0", "net.1", "net.3"]  # the Linear layers and the LayerNorm (Tanh has no parameters)
+    for index, name in enumerate(names):
+        reference = _copy(net)
+        for module_name, module in reference.named_children():
+            module.requires_grad_(f"net.{module_name}" == name)
+        truth = exact_truth(reference, dataset)
+        layer = {key: value[index] for key, value in out.items()}
+        _assert_matches_truth(layer, truth)
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as file:
+        header = file.readline()
+    assert all(f"gns/layer/{name}/b_simple" in header for name in names)
+
+
+def test_per_layer_needs_the_per_example_source(problem):
+    net, dataset, _ = problem
+    with pytest.raises(MisconfigurationException, match=r"`per_layer=True` needs the per_example source"):
+        _trainer(max_steps=1, accumulate_grad_batches=2, callbacks=[NoiseScaleMonitor(per_layer=True)]).fit(
+            Classifier(_copy(net)), DataLoader(dataset, batch_size=32)
+        )

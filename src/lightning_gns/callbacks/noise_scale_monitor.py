@@ -24,6 +24,7 @@ from lightning_gns.metric import GradientNoiseScale
 from lightning_gns.sources.accumulation import AccumulationSource
 from lightning_gns.sources.base import GradientSource, StepNorms, average_over_ranks
 from lightning_gns.sources.ddp import DDPSource
+from lightning_gns.sources.per_example import PerExampleSource
 
 SourceName = Literal["auto", "ddp", "accumulation", "per_example"]
 _SOURCES = ("auto", "ddp", "accumulation", "per_example")
@@ -86,6 +87,8 @@ class NoiseScaleMonitor(Callback):
             :math:`N` examples, which biases the :math:`|G|^2` estimate by :math:`-\operatorname{tr}(S^2)/N`; with
             this on (and a training set with a length) the bias is taken out, so that the logged :math:`|G|^2` and
             B_simple are those of the full data. It matters once B_simple is not small against :math:`N`.
+        per_layer: also measure each layer on its own (``per_example`` source) and log
+            ``{prefix}layer/<qualified name>/b_simple``; :attr:`layer_metric` holds the run averages.
 
     Raises:
         MisconfigurationException: for an unknown source or invalid option, and at ``setup`` when the run cannot
@@ -109,6 +112,7 @@ class NoiseScaleMonitor(Callback):
         b_crit_factor: float = 1.0,
         per_example_include: tuple[type[torch.nn.Module], ...] | None = None,
         finite_population: bool = True,
+        per_layer: bool = False,
     ) -> None:
         if source not in _SOURCES:
             raise MisconfigurationException(f"Expected `source` to be one of {_SOURCES}, but got {source!r}.")
@@ -134,6 +138,10 @@ class NoiseScaleMonitor(Callback):
         self.b_crit_factor = b_crit_factor
         self.per_example_include = per_example_include
         self.finite_population = finite_population
+        self.per_layer = per_layer
+        self.layer_metric: GradientNoiseScale | None = None
+        self._layer_ema: NoiseScaleEMA | None = None
+        self._pending_layers: list[StepNorms] = []
         self.population_size: int | None = None
 
         self.metric = GradientNoiseScale(confidence=confidence, sync_on_compute=False)
@@ -198,9 +206,18 @@ class NoiseScaleMonitor(Callback):
                 f"NoiseScaleMonitor: using the `{name}` gradient source (world size {world}, "
                 f"accumulate_grad_batches {accumulate})."
             )
+        if self.per_layer and name != "per_example":
+            raise MisconfigurationException(
+                f"`per_layer=True` needs the per_example source (per-layer norms of every example), but the run "
+                f"uses `{name}`. Pass `source='per_example'`, or drop `per_layer`."
+            )
         self._source = self._build_source(name, trainer, world, accumulate)
         if not isinstance(self._source, DDPSource):
             self._source.attach(pl_module)
+        if isinstance(self._source, PerExampleSource) and self.per_layer:
+            self.layer_metric = GradientNoiseScale(
+                group_shape=(len(self._source.layer_names),), confidence=self.confidence, sync_on_compute=False
+            )
 
     def _resolve_source(self, world: int, accumulate: int) -> str:
         if self.source_name == "ddp" and world < 2:
@@ -226,9 +243,9 @@ class NoiseScaleMonitor(Callback):
         if name == "accumulation":
             return AccumulationSource(loss_divisor=accumulate, world_size=world)
         if name == "per_example":
-            from lightning_gns.sources.per_example import PerExampleSource
-
-            return PerExampleSource(loss_divisor=accumulate, world_size=world, include=self.per_example_include)
+            return PerExampleSource(
+                loss_divisor=accumulate, world_size=world, include=self.per_example_include, per_layer=self.per_layer
+            )
         strategy = trainer.strategy
         if not isinstance(strategy, DDPStrategy):
             raise MisconfigurationException("source='ddp' needs a DDP strategy: `Trainer(strategy='ddp', ...)`.")
@@ -305,6 +322,8 @@ class NoiseScaleMonitor(Callback):
         if self._source is None:
             return
         self._pending.append(self._source.step_norms(grad_scale=_loss_scale(trainer)))
+        if isinstance(self._source, PerExampleSource) and self._source.last_layer_norms is not None:
+            self._pending_layers.append(self._source.last_layer_norms)
         # Under DDP the rank-local halves of the estimates are averaged over ranks in one all-reduce per logging
         # period rather than one per step (a per-step collective cost 10-20% of a small model's step on gloo).
         # Every rank takes the same steps, so every rank reaches the collective together.
@@ -318,6 +337,24 @@ class NoiseScaleMonitor(Callback):
         steps, self._pending = average_over_ranks(self._pending, world_size), []
         for norms in steps:
             self._fold(norms)
+        layer_steps, self._pending_layers = average_over_ranks(self._pending_layers, world_size), []
+        for norms in layer_steps:
+            self._fold_layers(norms)
+
+    def _fold_layers(self, norms: StepNorms) -> None:
+        assert self.layer_metric is not None
+        assert self.horizon_examples is not None
+        if self._layer_ema is None:
+            self._layer_ema = ema_init(tuple(norms.sq_norm_big.shape), device=norms.sq_norm_big.device)
+            self.layer_metric.to(norms.sq_norm_big.device)
+        self._layer_ema, _ = ema_update(
+            self._layer_ema,
+            *norms,
+            horizon=self.horizon_examples,
+            elapsed=norms.batch_big[0],
+            population_size=self.population_size,
+        )
+        self.layer_metric.update(*norms, population_size=self.population_size)
 
     def _fold(self, norms: StepNorms) -> None:
         if self.horizon_examples is None:
@@ -369,6 +406,10 @@ class NoiseScaleMonitor(Callback):
         # The only host sync of the monitor, once per logging period.
         values = torch.stack([estimates[k].double() for k in keys] + [self._num_skipped.double()]).tolist()
         metrics = {f"{self.log_key_prefix}{k}": v for k, v in zip((*keys, "num_skipped"), values, strict=True)}
+        if self._layer_ema is not None and isinstance(self._source, PerExampleSource):
+            layer_b_simple = ema_compute(self._layer_ema, self.confidence)["b_simple"].tolist()
+            for name, value in zip(self._source.layer_names, layer_b_simple, strict=True):
+                metrics[f"{self.log_key_prefix}layer/{name}/b_simple"] = value
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -389,6 +430,12 @@ class NoiseScaleMonitor(Callback):
             "metric": {name: getattr(self.metric, name).detach().cpu() for name in self.metric._defaults},
             "num_skipped": self._num_skipped.detach().cpu(),
             "examples_seen": self._examples_seen.detach().cpu(),
+            "layer_ema": None
+            if self._layer_ema is None
+            else {k: v.detach().cpu() for k, v in self._layer_ema._asdict().items()},
+            "layer_metric": None
+            if self.layer_metric is None
+            else {name: getattr(self.layer_metric, name).detach().cpu() for name in self.layer_metric._defaults},
         }
 
     @override
@@ -400,6 +447,11 @@ class NoiseScaleMonitor(Callback):
             setattr(self.metric, name, value.clone())
         self._num_skipped = state_dict["num_skipped"].clone()
         self._examples_seen = state_dict["examples_seen"].clone()
+        layer_ema = state_dict.get("layer_ema")
+        self._layer_ema = None if layer_ema is None else NoiseScaleEMA(**layer_ema)
+        if state_dict.get("layer_metric") is not None and self.layer_metric is not None:
+            for name, value in state_dict["layer_metric"].items():
+                setattr(self.layer_metric, name, value.clone())
 
 
 def _training_set_size(trainer: pl.Trainer) -> int | None:

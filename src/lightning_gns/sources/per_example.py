@@ -27,6 +27,8 @@ class PerExampleSource(GradientSource):
         world_size: number of data-parallel ranks.
         include: module types to measure, or ``None`` for the whole model.
         strict: raise instead of warning when a module needs the slow fallback or escapes the hooks.
+        per_layer: also keep each measured layer's norms apart (see :attr:`layer_names`,
+            :attr:`last_layer_norms`).
     """
 
     name = "per_example"
@@ -37,8 +39,15 @@ class PerExampleSource(GradientSource):
         world_size: int = 1,
         include: Sequence[type[nn.Module]] | None = None,
         strict: bool = False,
+        per_layer: bool = False,
     ) -> None:
         super().__init__(world_size)
+        self.per_layer = per_layer
+        self.layer_names: list[str] = []
+        self.last_layer_norms: StepNorms | None = None
+        self._layer_index = torch.zeros(0, dtype=torch.long)
+        self._layer_params: list[nn.Parameter] = []
+        self._layer_sum_sq: Tensor | None = None
         self.loss_divisor = loss_divisor
         self.include = include
         self.strict = strict
@@ -54,6 +63,11 @@ class PerExampleSource(GradientSource):
         self._engine = PerExampleGradNorms(model, include=self.include, strict=self.strict).attach()
         # The big-batch norm covers exactly what the hooks measure, so both norms describe the same gradient.
         self._params = _trainable(model) if self.include is None else list(self._engine.measured_parameters)
+        if self.per_layer:
+            groups = self._engine.measured_groups
+            self.layer_names = list(groups)
+            self._layer_params = [p for params in groups.values() for p in params]
+            self._layer_index = torch.tensor([i for i, params in enumerate(groups.values()) for _ in params])
 
     def detach(self) -> None:
         """Remove the hooks."""
@@ -70,6 +84,11 @@ class PerExampleSource(GradientSource):
             n = record.batch_size
             total = record.sq_norms.float().sum() * (n * self.loss_divisor) ** 2
             self._sum_sq = total if self._sum_sq is None else self._sum_sq + total
+            if self.per_layer:
+                zero = record.sq_norms.new_zeros(n)
+                layers = torch.stack([record.by_module.get(name, zero) for name in self.layer_names]).float()
+                layer_total = layers.sum(1) * (n * self.loss_divisor) ** 2
+                self._layer_sum_sq = layer_total if self._layer_sum_sq is None else self._layer_sum_sq + layer_total
             self._examples += n
             self._num_micro += 1
 
@@ -82,5 +101,22 @@ class PerExampleSource(GradientSource):
             mean_sq = mean_sq / grad_scale.float() ** 2
         big = global_grad_sq_norm(self._params).to(mean_sq.device) * (self.loss_divisor / self._num_micro) ** 2
         examples = float(self._examples)
-        self._sum_sq, self._examples, self._num_micro = None, 0, 0
+        if self.per_layer and self._layer_sum_sq is not None:
+            self.last_layer_norms = self._layer_step_norms(grad_scale, examples)
+        self._sum_sq, self._layer_sum_sq, self._examples, self._num_micro = None, None, 0, 0
         return StepNorms(mean_sq, big, torch.ones_like(big), torch.full_like(big, examples * self.world_size))
+
+    def _layer_step_norms(self, grad_scale: Tensor | None, examples: float) -> StepNorms:
+        """Per-layer small and big norms of the step, shape ``(num_layers,)`` each."""
+        assert self._layer_sum_sq is not None
+        small = self._layer_sum_sq / examples
+        if grad_scale is not None:
+            small = small / grad_scale.float() ** 2
+        # One fused norm per parameter, then summed per layer (parameters without a gradient add nothing).
+        with_grad = [(i, p.grad) for i, p in enumerate(self._layer_params) if p.grad is not None]
+        big = torch.zeros_like(small)
+        if with_grad:
+            index = self._layer_index.to(small.device)[[i for i, _ in with_grad]]
+            norms = torch.stack([n.float() for n in torch._foreach_norm([g for _, g in with_grad])]).to(small.device)
+            big = big.index_add(0, index, norms.pow(2)) * (self.loss_divisor / self._num_micro) ** 2
+        return StepNorms(small, big, torch.ones_like(small), torch.full_like(small, examples * self.world_size))

@@ -250,6 +250,11 @@ class PerExampleGradNorms:
         return [group.name for group in self._groups]
 
     @property
+    def measured_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Each measured unit's name (the keys of :meth:`sq_norms_by_module`) and its parameters, in model order."""
+        return {group.name: list(group.params) for group in self._groups}
+
+    @property
     def measured_parameters(self) -> list[nn.Parameter]:
         """The parameters whose gradients the hooks measure (each once), in model order; set by :meth:`attach`."""
         return [p for group in self._groups for p in group.params]
