@@ -91,3 +91,63 @@ def test_ddp_sources_match_exact_truth_on_every_rank(
     assert float(out["grad_sq_norm"]) == pytest.approx(truth["expected_grad_sq_norm"], rel=0.05)
     expected_ratio = truth["expected_trace_sigma"] / truth["expected_grad_sq_norm"]
     assert float(out["b_simple"]) == pytest.approx(expected_ratio, rel=0.05)
+
+
+class _SaveServed(Callback):
+    def __init__(self, directory) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        monitor = next(c for c in trainer.callbacks if isinstance(c, NoiseScaleMonitor))
+        torch.save(
+            {
+                "served": pl_module.served,
+                "changes": monitor.growth.changes,
+                "accumulate": trainer.accumulate_grad_batches,
+            },
+            self.directory / f"rank{trainer.global_rank}.pt",
+        )
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_growth_under_ddp_serves_every_example_once_on_all_ranks(tmp_path, num_workers):
+    from tests.helpers.growth import IndexedDataset, Recorder, ScriptedScheduler
+
+    size = 90
+    monitor = NoiseScaleMonitor(
+        source="ddp",
+        grow_batch_size=True,
+        batch_size_scheduler=ScriptedScheduler(8, [(24, 16), (80, 48)]),
+        max_micro_batch_size=12,
+        log_every_n_steps=2,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=2,
+        callbacks=[monitor, _SaveServed(tmp_path)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = DataLoader(
+        IndexedDataset(size), batch_size=4, shuffle=True, num_workers=num_workers, persistent_workers=num_workers > 0
+    )
+    trainer.fit(Recorder(), loader)
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["changes"] == ranks[1]["changes"]
+    assert [c["batch_size"] for c in ranks[0]["changes"]] == [16, 48]
+    assert ranks[0]["changes"][0]["epoch"] == 0  # mid-epoch
+    assert [(c["micro_batch_size"], c["accumulate_grad_batches"]) for c in ranks[0]["changes"]] == [(8, 1), (12, 2)]
+    assert ranks[0]["accumulate"] == ranks[1]["accumulate"] == 2
+    for epoch in range(2):
+        per_rank = [[i for e, _, batch in r["served"] if e == epoch for i in batch] for r in ranks]
+        assert set(per_rank[0]).isdisjoint(per_rank[1])
+        assert sorted(per_rank[0] + per_rank[1]) == list(range(size)), f"epoch {epoch}"
+        # Both ranks took the same number of batches (DDP would hang otherwise).
+        assert len([1 for e, *_ in ranks[0]["served"] if e == epoch]) == len(
+            [1 for e, *_ in ranks[1]["served"] if e == epoch]
+        )

@@ -2,7 +2,15 @@
 
 from lightning_gns.callbacks.noise_scale_monitor import NoiseScaleMonitor
 from lightning_gns.metric import GradientNoiseScale
+from lightning_gns.sampler import ResizableBatchSampler
+from lightning_gns.scheduler import BatchSizeScheduler
 
 __version__ = "0.1.0"
 
-__all__ = ["GradientNoiseScale", "NoiseScaleMonitor", "__version__"]
+__all__ = [
+    "BatchSizeScheduler",
+    "GradientNoiseScale",
+    "NoiseScaleMonitor",
+    "ResizableBatchSampler",
+    "__version__",
+]

@@ -18,9 +18,11 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_gns.callbacks.batch_size_growth import DEFAULT_HORIZON_STEPS, BatchSizeGrowth, LRScaling
 from lightning_gns.functional.noise_scale import _check_confidence
 from lightning_gns.functional.smoothing import NoiseScaleEMA, ema_compute, ema_init, ema_update
 from lightning_gns.metric import GradientNoiseScale
+from lightning_gns.scheduler import BatchSizeScheduler, GrowthPolicy
 from lightning_gns.sources.accumulation import AccumulationSource
 from lightning_gns.sources.base import GradientSource, StepNorms, average_over_ranks
 from lightning_gns.sources.ddp import DDPSource
@@ -28,9 +30,6 @@ from lightning_gns.sources.per_example import PerExampleSource
 
 SourceName = Literal["auto", "ddp", "accumulation", "per_example"]
 _SOURCES = ("auto", "ddp", "accumulation", "per_example")
-
-#: Steps' worth of examples (at the first step's batch size) that the moving average remembers by default.
-DEFAULT_HORIZON_STEPS = 100
 
 
 class NoiseScaleMonitor(Callback):
@@ -89,6 +88,27 @@ class NoiseScaleMonitor(Callback):
             B_simple are those of the full data. It matters once B_simple is not small against :math:`N`.
         per_layer: also measure each layer on its own (``per_example`` source) and log
             ``{prefix}layer/<qualified name>/b_simple``; :attr:`layer_metric` holds the run averages.
+        grow_batch_size: grow the batch size as the noise scale grows (``docs/batch_size.md``). The training
+            dataloader is made resizable; at logging steps a :class:`~lightning_gns.BatchSizeScheduler` decides the
+            effective batch size (micro-batch × accumulation × world size), which changes at the next
+            optimizer-step boundary, mid-epoch included, with every example of an epoch served once. Also logs
+            ``lr``, ``lr_scale``, ``accumulate_grad_batches``, ``micro_batch_size``, ``batch_size_target`` and
+            ``batch_size_changes``.
+        max_batch_size: growth: the largest effective batch size (``None``: no bound).
+        max_micro_batch_size: growth: the most examples one forward/backward pass may hold (the memory cap); beyond
+            it accumulation grows. ``None``: no cap (set one on an accelerator, e.g. from Lightning's
+            ``BatchSizeFinder``).
+        growth_policy: growth: ``"b_crit"`` (target ``b_crit_factor`` × B_simple), ``"sqrt"`` or ``"goodput"``
+            (see :class:`~lightning_gns.BatchSizeScheduler`).
+        lr_scaling: growth: how the learning rate follows the batch size: ``"linear"`` (SGD), ``"sqrt"`` (Adam
+            family), ``"none"``, or ``"auto"`` (by optimizer type). It scales what the optimizer's LR schedulers
+            set, inside the optimizer step.
+        lr_warmup_steps: growth: reach a new learning-rate scale linearly over this many optimizer steps.
+        min_examples_between_changes: growth: examples to train on between two changes (``None``: half the
+            smoothing horizon).
+        batch_size_scheduler: growth: a fully configured scheduler (overrides ``growth_policy``,
+            ``max_batch_size`` and ``min_examples_between_changes``); its ``initial_batch_size`` must be the
+            run's.
 
     Raises:
         MisconfigurationException: for an unknown source or invalid option, and at ``setup`` when the run cannot
@@ -113,6 +133,14 @@ class NoiseScaleMonitor(Callback):
         per_example_include: tuple[type[torch.nn.Module], ...] | None = None,
         finite_population: bool = True,
         per_layer: bool = False,
+        grow_batch_size: bool = False,
+        max_batch_size: int | None = None,
+        max_micro_batch_size: int | None = None,
+        growth_policy: GrowthPolicy = "b_crit",
+        lr_scaling: LRScaling = "auto",
+        lr_warmup_steps: int = 0,
+        min_examples_between_changes: float | None = None,
+        batch_size_scheduler: BatchSizeScheduler | None = None,
     ) -> None:
         if source not in _SOURCES:
             raise MisconfigurationException(f"Expected `source` to be one of {_SOURCES}, but got {source!r}.")
@@ -139,6 +167,24 @@ class NoiseScaleMonitor(Callback):
         self.per_example_include = per_example_include
         self.finite_population = finite_population
         self.per_layer = per_layer
+        self.grow_batch_size = grow_batch_size
+        self.growth: BatchSizeGrowth | None = None
+        if grow_batch_size:
+            self.growth = BatchSizeGrowth(
+                batch_size_scheduler,
+                policy=growth_policy,
+                factor=b_crit_factor,
+                max_batch_size=max_batch_size,
+                max_micro_batch_size=max_micro_batch_size,
+                lr_scaling=lr_scaling,
+                lr_warmup_steps=lr_warmup_steps,
+                min_examples_between_changes=min_examples_between_changes,
+            )
+        elif batch_size_scheduler is not None or max_batch_size is not None:
+            raise MisconfigurationException(
+                "`batch_size_scheduler` and `max_batch_size` act only with `grow_batch_size=True`: turn it on, or "
+                "drop them."
+            )
         self.layer_metric: GradientNoiseScale | None = None
         self._layer_ema: NoiseScaleEMA | None = None
         self._pending_layers: list[StepNorms] = []
@@ -200,6 +246,8 @@ class NoiseScaleMonitor(Callback):
             )
         world = self._world_size = trainer.world_size
         accumulate = trainer.accumulate_grad_batches
+        if self.growth is not None:
+            self.growth.setup(trainer)
         name = self._resolve_source(world, accumulate)
         if self.source_name == "auto":
             rank_zero_info(
@@ -268,6 +316,8 @@ class NoiseScaleMonitor(Callback):
                 ddp_model = strategy.model
                 assert isinstance(ddp_model, DistributedDataParallel)  # DDPStrategy.setup wrapped it
                 ddp_model.register_comm_hook(strategy._ddp_comm_state, self._source.comm_hook)
+        if self.growth is not None:
+            self.growth.on_train_start(trainer, self._source, self.horizon_examples)
         if self.finite_population:
             self.population_size = _training_set_size(trainer)
         if not trainer.loggers:
@@ -301,6 +351,8 @@ class NoiseScaleMonitor(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._source is not None:
             self._source.detach()
+        if stage == "fit" and self.growth is not None:
+            self.growth.teardown()
 
     # -- per step -------------------------------------------------------------------------------------------------
 
@@ -308,7 +360,21 @@ class NoiseScaleMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.growth is not None:
+            self.growth.on_train_batch_start(trainer, self._source, batch_idx)
         self._batch_examples = extract_batch_size(batch)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.growth is not None:
+            self.growth.on_train_epoch_start(trainer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.growth is not None:
+            self.growth.on_train_batch_end(batch_idx)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -410,6 +476,8 @@ class NoiseScaleMonitor(Callback):
             layer_b_simple = ema_compute(self._layer_ema, self.confidence)["b_simple"].tolist()
             for name, value in zip(self._source.layer_names, layer_b_simple, strict=True):
                 metrics[f"{self.log_key_prefix}layer/{name}/b_simple"] = value
+        if self.growth is not None:
+            metrics.update({f"{self.log_key_prefix}{k}": v for k, v in self.growth.logged().items()})
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -417,6 +485,9 @@ class NoiseScaleMonitor(Callback):
             pl_module.log(
                 f"{self.log_key_prefix}b_simple", metrics[f"{self.log_key_prefix}b_simple"], prog_bar=True, logger=False
             )
+        if self.growth is not None:
+            # Every rank is here (logging steps are shared), as the decision's collective needs.
+            self.growth.decide(trainer, {k: metrics[f"{self.log_key_prefix}{k}"] for k in keys})
 
     # -- checkpointing --------------------------------------------------------------------------------------------
 
@@ -436,6 +507,7 @@ class NoiseScaleMonitor(Callback):
             "layer_metric": None
             if self.layer_metric is None
             else {name: getattr(self.layer_metric, name).detach().cpu() for name in self.layer_metric._defaults},
+            "growth": None if self.growth is None else self.growth.state_dict(),
         }
 
     @override
@@ -449,6 +521,8 @@ class NoiseScaleMonitor(Callback):
         self._examples_seen = state_dict["examples_seen"].clone()
         layer_ema = state_dict.get("layer_ema")
         self._layer_ema = None if layer_ema is None else NoiseScaleEMA(**layer_ema)
+        if state_dict.get("growth") is not None and self.growth is not None:
+            self.growth.load_state_dict(state_dict["growth"])
         if state_dict.get("layer_metric") is not None and self.layer_metric is not None:
             for name, value in state_dict["layer_metric"].items():
                 setattr(self.layer_metric, name, value.clone())

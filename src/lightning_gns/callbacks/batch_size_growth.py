@@ -1,0 +1,527 @@
+"""Growing the batch size of a running fit: the Lightning side of :class:`~lightning_gns.BatchSizeScheduler`.
+
+:class:`NoiseScaleMonitor` owns one of these when ``grow_batch_size=True``. It
+
+* swaps the training dataloader for one driven by a :class:`~lightning_gns.sampler.ResizableBatchSampler` (same
+  data set, workers and collate function), so that the batch size can change between any two optimizer steps
+  with every example of an epoch served exactly once, on every rank;
+* turns the scheduler's effective batch size into a micro-batch (up to a memory cap) times
+  ``accumulate_grad_batches``, changing both at the same optimizer-step boundary on every rank;
+* rescales the learning rate by the declared rule, inside the optimizer step only (optimizer step pre- and
+  post-hooks), so that Lightning's LR schedulers keep stepping the unscaled value: their output is scaled, they
+  are not fought;
+* checkpoints all of it, position in the epoch included.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.hooks import RemovableHandle
+
+from lightning_gns.sampler import ResizableBatchSampler, split_batch_size
+from lightning_gns.scheduler import BatchSizeChange, BatchSizeScheduler, GrowthPolicy
+from lightning_gns.sources.base import GradientSource
+
+#: Steps' worth of examples (at the first step's batch size) that the moving average remembers by default.
+DEFAULT_HORIZON_STEPS = 100
+
+LRScaling = Literal["auto", "linear", "sqrt", "none"]
+_LR_SCALINGS = ("auto", "linear", "sqrt", "none")
+
+# Optimizers whose step is (momentum) SGD: the learning rate scales linearly with the batch (Goyal et al., 2017).
+_LINEAR_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.SGD,)
+# Adaptive optimizers: square-root scaling (Malladi et al., 2022; OLMo's batch-size schedule).
+_SQRT_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adagrad,
+    torch.optim.RMSprop,
+)
+
+
+@dataclass
+class _PendingChange:
+    """A change decided at a logging step, to take effect at batch ``batch`` of epoch ``epoch``."""
+
+    epoch: int
+    batch: int
+    batch_size: int  # effective
+    micro_batch_size: int
+    accumulate_grad_batches: int
+    reason: str
+
+
+def default_lr_scaling(optimizers: list[torch.optim.Optimizer]) -> Literal["linear", "sqrt"]:
+    """The learning-rate rule for these optimizers: linear for SGD, square root for the Adam family.
+
+    Raises:
+        MisconfigurationException: for an optimizer of neither kind, or a mix of both.
+    """
+    kinds = set()
+    for optimizer in optimizers:
+        if isinstance(optimizer, _LINEAR_OPTIMIZERS):
+            kinds.add("linear")
+        elif isinstance(optimizer, _SQRT_OPTIMIZERS):
+            kinds.add("sqrt")
+        else:
+            raise MisconfigurationException(
+                f"NoiseScaleMonitor(grow_batch_size=True) has no default learning-rate rule for "
+                f"{type(optimizer).__name__}. Declare one: `lr_scaling='linear'` (SGD-like), 'sqrt' (Adam-like) or "
+                "'none'."
+            )
+    if len(kinds) != 1:
+        raise MisconfigurationException(
+            "The optimizers mix SGD and adaptive methods, which scale their learning rates differently with the "
+            "batch size. Declare the rule: `lr_scaling='linear'`, 'sqrt' or 'none'."
+        )
+    return "linear" if kinds == {"linear"} else "sqrt"
+
+
+def lr_scale(rule: str, batch_size: int, initial_batch_size: int) -> float:
+    """The learning-rate multiplier of ``rule`` at ``batch_size``, relative to ``initial_batch_size``.
+
+    Example::
+
+        >>> lr_scale("linear", 256, 64), lr_scale("sqrt", 256, 64), lr_scale("none", 256, 64)
+        (4.0, 2.0, 1.0)
+    """
+    ratio = batch_size / initial_batch_size
+    if rule == "linear":
+        return ratio
+    if rule == "sqrt":
+        return math.sqrt(ratio)
+    return 1.0
+
+
+class BatchSizeGrowth:
+    """Applies the batch-size decisions of a :class:`BatchSizeScheduler` to a running Lightning fit.
+
+    See :class:`~lightning_gns.NoiseScaleMonitor` (``grow_batch_size=True``) for the options.
+    """
+
+    def __init__(
+        self,
+        scheduler: BatchSizeScheduler | None,
+        policy: GrowthPolicy,
+        factor: float,
+        max_batch_size: int | None,
+        max_micro_batch_size: int | None,
+        lr_scaling: LRScaling,
+        lr_warmup_steps: int,
+        min_examples_between_changes: float | None,
+    ) -> None:
+        if lr_scaling not in _LR_SCALINGS:
+            raise MisconfigurationException(f"Expected `lr_scaling` to be one of {_LR_SCALINGS}, got {lr_scaling!r}.")
+        if max_micro_batch_size is not None and max_micro_batch_size < 1:
+            raise MisconfigurationException(
+                f"Expected `max_micro_batch_size` >= 1 (the most examples one backward pass may hold) or None, got "
+                f"{max_micro_batch_size!r}."
+            )
+        if lr_warmup_steps < 0:
+            raise MisconfigurationException(f"Expected `lr_warmup_steps` >= 0, got {lr_warmup_steps!r}.")
+        self.scheduler = scheduler
+        self._scheduler_given = scheduler is not None
+        self.policy: GrowthPolicy = policy
+        self.factor = factor
+        self.max_batch_size = max_batch_size
+        self.max_micro_batch_size = max_micro_batch_size
+        self.lr_scaling: LRScaling = lr_scaling
+        self.lr_warmup_steps = lr_warmup_steps
+        self.min_examples_between_changes = min_examples_between_changes
+
+        self.sampler: ResizableBatchSampler | None = None
+        self.rule: str = "none"
+        self.initial_batch_size = 0
+        self.batch_size = 0  # effective, in force
+        self.micro_batch_size = 0
+        self.accumulate_grad_batches = 1
+        self.pending: _PendingChange | None = None
+        self.changes: list[dict[str, Any]] = []
+        self._lr_from = 1.0
+        self._lr_to = 1.0
+        self._lr_steps = 0  # optimizer steps since the last change (warm-up progress)
+        self._consumed = 0  # batches of this epoch trained on
+        self._world_size = 1
+        self._handles: list[RemovableHandle] = []
+        self._saved_lrs: list[list[float]] = []
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._restored: dict[str, Any] | None = None
+        self._timer: tuple[float, int] | None = None  # (time of the last reading, global step then)
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        """Refuse what growth cannot work with, before anything runs."""
+        if trainer.reload_dataloaders_every_n_epochs:  # type: ignore[attr-defined]  # set at run time
+            raise MisconfigurationException(
+                "grow_batch_size=True replaces the training dataloader with a resizable one, which "
+                "`reload_dataloaders_every_n_epochs` would undo. Set it to 0."
+            )
+        if trainer.limit_train_batches not in (1.0, None):
+            raise MisconfigurationException(
+                f"grow_batch_size=True serves every example once per epoch, which `limit_train_batches="
+                f"{trainer.limit_train_batches}` contradicts (it counts batches, whose size changes). Remove it, "
+                "or bound the run with `max_steps`."
+            )
+
+    def on_train_start(
+        self, trainer: pl.Trainer, source: GradientSource | None, horizon_examples: float | None
+    ) -> None:
+        """Make the training dataloader resizable and put the (restored) batch size, accumulation and LR in force."""
+        self._world_size = trainer.world_size
+        self._optimizers = list(trainer.optimizers)
+        self.rule = default_lr_scaling(self._optimizers) if self.lr_scaling == "auto" else self.lr_scaling
+        self.sampler = _make_resizable(trainer)
+        try:
+            if self._restored is not None:
+                self._load(self._restored, trainer, horizon_examples)
+                self._restored = None
+            else:
+                self.micro_batch_size = self.sampler.batch_size
+                self.accumulate_grad_batches = trainer.accumulate_grad_batches
+                self.initial_batch_size = self.batch_size = self._effective(self.micro_batch_size)
+                self.scheduler = self._build_scheduler(horizon_examples)
+        finally:
+            # Lightning made its iterator before this hook; a fresh one starts where the (restored) sampler stands
+            # (and an error above still leaves the loop a loader to tear down).
+            fetcher = trainer.fit_loop._data_fetcher
+            if fetcher is not None:
+                iter(fetcher)
+        trainer.accumulate_grad_batches = self.accumulate_grad_batches
+        if source is not None:
+            source.loss_divisor = self.accumulate_grad_batches  # type: ignore[attr-defined]
+        self._sync_lengths(trainer)
+        self._handles = [
+            handle
+            for optimizer in self._optimizers
+            for handle in (
+                optimizer.register_step_pre_hook(self._scale_lr),
+                optimizer.register_step_post_hook(self._unscale_lr),
+            )
+        ]
+        rank_zero_info(
+            f"NoiseScaleMonitor: batch-size growth on: {self.batch_size} examples per step (micro-batch "
+            f"{self.micro_batch_size} × accumulation {self.accumulate_grad_batches} × {self._world_size} ranks), "
+            f"policy `{self.scheduler.policy if self.scheduler else self.policy}`, learning rate scaled `{self.rule}`."
+        )
+
+    def _build_scheduler(self, horizon_examples: float | None) -> BatchSizeScheduler:
+        if self.scheduler is not None:
+            if self.scheduler.batch_size != self.batch_size:
+                raise MisconfigurationException(
+                    f"The BatchSizeScheduler starts at {self.scheduler.batch_size} examples per step, but the run "
+                    f"trains at {self.batch_size} (micro-batch {self.micro_batch_size} × accumulation "
+                    f"{self.accumulate_grad_batches} × {self._world_size} ranks). Make them agree."
+                )
+            return self.scheduler
+        if self.max_batch_size is not None and self.max_batch_size < self.initial_batch_size:
+            raise MisconfigurationException(
+                f"`max_batch_size={self.max_batch_size}` is below the run's starting batch size "
+                f"{self.initial_batch_size} (micro-batch × accumulation × ranks). Raise it, or start smaller."
+            )
+        multiple = 8 * self._world_size
+        if self.max_batch_size is not None and self.max_batch_size < multiple:
+            multiple = self._world_size
+        if self.min_examples_between_changes is not None:
+            wait = self.min_examples_between_changes
+        else:  # half the moving average's horizon: most of what it remembers was measured after the last change
+            horizon = horizon_examples or DEFAULT_HORIZON_STEPS * self.initial_batch_size
+            wait = 0.5 * horizon
+        return BatchSizeScheduler(
+            self.initial_batch_size,
+            policy=self.policy,
+            factor=self.factor,
+            max_batch_size=self.max_batch_size,
+            multiple=multiple,
+            min_examples_between_changes=wait,
+        )
+
+    def _effective(self, micro_batch_size: int, accumulate: int | None = None) -> int:
+        return micro_batch_size * (accumulate or self.accumulate_grad_batches) * self._world_size
+
+    # -- per step -------------------------------------------------------------------------------------------------
+
+    def on_train_epoch_start(self, trainer: pl.Trainer) -> None:
+        """Lightning sets the epoch of samplers, not of batch samplers: do it for ours."""
+        if self.sampler is not None and self.sampler.epoch != trainer.current_epoch:
+            self.sampler.set_epoch(trainer.current_epoch)
+            self._consumed = 0
+            self._sync_lengths(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, source: GradientSource | None, batch_idx: int) -> None:
+        """Put a pending change in force at its batch: a step boundary common to the old and new accumulation."""
+        change = self.pending
+        if change is None or (trainer.current_epoch, batch_idx) != (change.epoch, change.batch):
+            return
+        self.pending = None
+        previous = self.batch_size
+        self.batch_size = change.batch_size
+        self.micro_batch_size = change.micro_batch_size
+        self.accumulate_grad_batches = trainer.accumulate_grad_batches = change.accumulate_grad_batches
+        if source is not None:
+            source.loss_divisor = change.accumulate_grad_batches  # type: ignore[attr-defined]
+        self._lr_from = self.current_lr_scale
+        self._lr_to = lr_scale(self.rule, self.batch_size, self.initial_batch_size)
+        self._lr_steps = 0
+        self.changes.append(
+            {"global_step": trainer.global_step, "epoch": trainer.current_epoch, "batch": batch_idx, **asdict(change)}
+        )
+        self._timer = None
+        rank_zero_info(
+            f"NoiseScaleMonitor: batch size {previous} -> {self.batch_size} at step {trainer.global_step} (micro-batch "
+            f"{self.micro_batch_size} × accumulation {self.accumulate_grad_batches} × {self._world_size} ranks; "
+            f"learning rate × {self._lr_to:.4g}, rule `{self.rule}`): {change.reason}."
+        )
+
+    def on_train_batch_end(self, batch_idx: int) -> None:
+        """Count the batches of the epoch that have been trained on: the position a checkpoint resumes from."""
+        self._consumed = batch_idx + 1
+
+    def decide(self, trainer: pl.Trainer, estimates: Mapping[str, float]) -> None:
+        """At a logging step (every rank): ask the scheduler and plan its change on every rank alike."""
+        assert self.sampler is not None
+        assert self.scheduler is not None
+        self._observe_step_time(trainer)
+        change: BatchSizeChange | None = None
+        if self.pending is None:
+            change = self.scheduler.update(
+                estimates["b_simple"], estimates["b_simple_lower"], estimates["b_simple_upper"], estimates["examples"]
+            )
+        # One small collective at every logging step, decision or not: the ranks agree on whether and where to
+        # change even if their floating-point estimates were to differ in the last bit.
+        vote = torch.tensor([0 if change is None else change.batch_size, self.sampler.next_batch], dtype=torch.float64)
+        if self._world_size > 1:
+            vote = trainer.strategy.reduce(vote.to(trainer.strategy.root_device), reduce_op="max").cpu()
+        new_batch_size, earliest = int(vote[0]), int(vote[1])
+        if new_batch_size == 0 or self.pending is not None:
+            return
+        if change is None:  # another rank decided: take its decision (keeps the schedulers in step)
+            self.scheduler.batch_size = new_batch_size
+        micro, accumulate = split_batch_size(new_batch_size, self._world_size, self.max_micro_batch_size)
+        # The change lands on a batch that starts an optimizer step under both accumulations, not drawn yet by
+        # any rank's dataloader (workers prefetch).
+        align = math.lcm(self.accumulate_grad_batches, accumulate)
+        at = self.sampler.resize(micro, at_batch=math.ceil(earliest / align) * align)
+        epoch, batch = trainer.current_epoch, at
+        if at >= len(self.sampler):
+            epoch, batch = epoch + 1, 0
+        reason = change.reason if change is not None else "decided on another rank"
+        self.pending = _PendingChange(
+            epoch, batch, self._effective(micro, accumulate), micro, accumulate, reason=reason
+        )
+        self.scheduler.batch_size = self.pending.batch_size  # the split may round up
+        self._sync_lengths(trainer)
+
+    def _observe_step_time(self, trainer: pl.Trainer) -> None:
+        """Mean wall-clock time per step since the last logging step (``goodput`` policy), at a steady batch."""
+        now, step = time.perf_counter(), trainer.global_step
+        if self._timer is not None and self.scheduler is not None and step > self._timer[1]:
+            self.scheduler.observe_step_time(self.batch_size, now - self._timer[0], step - self._timer[1])
+        self._timer = (now, step)
+
+    def _sync_lengths(self, trainer: pl.Trainer) -> None:
+        """Tell Lightning's loops how many batches this epoch now has (it caches the dataloader's length)."""
+        assert self.sampler is not None
+        length = len(self.sampler)
+        fit_loop = trainer.fit_loop
+        fit_loop.max_batches = length
+        fetcher = fit_loop._data_fetcher
+        if fetcher is not None and fetcher.length is not None:
+            fetcher.length = length
+            fetcher.done = fetcher.fetched >= length
+
+    # -- the learning rate ------------------------------------------------------------------------------------------
+
+    @property
+    def current_lr_scale(self) -> float:
+        """The multiplier applied to every learning rate in the optimizer step now (warm-up included)."""
+        if self.lr_warmup_steps == 0 or self._lr_steps >= self.lr_warmup_steps:
+            return self._lr_to
+        progress = (self._lr_steps + 1) / (self.lr_warmup_steps + 1)
+        return self._lr_from + (self._lr_to - self._lr_from) * progress
+
+    def _scale_lr(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        scale = self.current_lr_scale
+        self._saved_lrs.append([group["lr"] for group in optimizer.param_groups])
+        if scale != 1.0:
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * scale
+
+    def _unscale_lr(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # The exact values from before the step: LR schedulers see (and checkpoints keep) the unscaled rates.
+        for group, lr in zip(optimizer.param_groups, self._saved_lrs.pop(), strict=True):
+            group["lr"] = lr
+        if optimizer is self._optimizers[0]:
+            self._lr_steps += 1
+
+    def logged(self) -> dict[str, float]:
+        """The quantities logged with the estimates."""
+        lr = math.nan
+        if self._optimizers:
+            lr = self._optimizers[0].param_groups[0]["lr"]
+            # Lightning calls the monitor from within the optimizer step (the closure) unless AMP runs the closure
+            # first: the rate is scaled already in the first case only.
+            if not self._saved_lrs:
+                lr *= self.current_lr_scale
+        return {
+            "lr": lr,
+            "lr_scale": self.current_lr_scale,
+            "accumulate_grad_batches": float(self.accumulate_grad_batches),
+            "micro_batch_size": float(self.micro_batch_size),
+            "batch_size_target": float(self.batch_size if self.pending is None else self.pending.batch_size),
+            "batch_size_changes": float(len(self.changes)),
+        }
+
+    # -- end and checkpointing --------------------------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        """Remove the optimizer hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly: sizes, LR scale, position, pending change."""
+        return {
+            "initial_batch_size": self.initial_batch_size,
+            "batch_size": self.batch_size,
+            "micro_batch_size": self.micro_batch_size,
+            "accumulate_grad_batches": self.accumulate_grad_batches,
+            "pending": None if self.pending is None else asdict(self.pending),
+            "changes": list(self.changes),
+            "lr": {"from": self._lr_from, "to": self._lr_to, "steps": self._lr_steps},
+            "consumed": self._consumed,
+            "sampler": None if self.sampler is None else self.sampler.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the state until ``on_train_start`` builds the sampler it belongs to."""
+        self._restored = state_dict
+
+    def _load(self, state: dict[str, Any], trainer: pl.Trainer, horizon_examples: float | None) -> None:
+        assert self.sampler is not None
+        self.initial_batch_size = int(state["initial_batch_size"])
+        self.batch_size = int(state["batch_size"])
+        self.micro_batch_size = int(state["micro_batch_size"])
+        self.accumulate_grad_batches = int(state["accumulate_grad_batches"])
+        self.pending = None if state["pending"] is None else _PendingChange(**state["pending"])
+        self.changes = list(state["changes"])
+        self._lr_from, self._lr_to, self._lr_steps = state["lr"]["from"], state["lr"]["to"], state["lr"]["steps"]
+        if not self._scheduler_given:
+            self.scheduler = self._build_scheduler(horizon_examples)
+        assert self.scheduler is not None
+        if state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state["sampler"] is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        if self.sampler.epoch == trainer.current_epoch:
+            self._consumed = int(state["consumed"])
+            self.sampler.start_at(self._consumed)
+        else:  # the checkpoint closed an epoch: the next one starts from its first batch
+            self.sampler.set_epoch(trainer.current_epoch)
+            self._consumed = 0
+
+
+_RESIZABLE_HELP = (
+    "Build it as `DataLoader(dataset, batch_size=..., shuffle=...)` over a map-style data set (one with `__len__` "
+    "and `__getitem__`), or pass `batch_sampler=lightning_gns.ResizableBatchSampler(len(dataset), ...)`."
+)
+
+
+def _make_resizable(trainer: pl.Trainer) -> ResizableBatchSampler:
+    """Swap the fit loop's training dataloader for an equivalent one with a :class:`ResizableBatchSampler`."""
+    fit_loop = trainer.fit_loop
+    combined = fit_loop._combined_loader
+    if combined is None or len(combined.flattened) != 1:
+        count = 0 if combined is None else len(combined.flattened)
+        raise MisconfigurationException(
+            f"grow_batch_size=True needs exactly one training dataloader, but the run has {count}. Combine your data "
+            "into one data set."
+        )
+    loader = combined.flattened[0]
+    if type(loader) is not DataLoader:
+        raise MisconfigurationException(
+            f"grow_batch_size=True cannot resize a {type(loader).__name__}: it needs a torch DataLoader. "
+            + _RESIZABLE_HELP
+        )
+    dataset = loader.dataset
+    try:
+        size = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        size = -1
+    if size < 0 or isinstance(dataset, torch.utils.data.IterableDataset):
+        raise MisconfigurationException(
+            "grow_batch_size=True cannot resize a dataloader over an IterableDataset or a data set without a length: "
+            "the batches are drawn by index. " + _RESIZABLE_HELP
+        )
+    shuffle, seed, batch_size, drop_last = _sampling_of(loader, size)
+    rank = trainer.global_rank if trainer.world_size > 1 else 0
+    sampler = ResizableBatchSampler(
+        size, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, num_replicas=trainer.world_size, rank=rank
+    )
+    keep = (
+        "num_workers",
+        "collate_fn",
+        "pin_memory",
+        "timeout",
+        "worker_init_fn",
+        "multiprocessing_context",
+        "generator",
+        "persistent_workers",
+        "pin_memory_device",
+        "in_order",
+    )
+    kwargs = {name: getattr(loader, name) for name in keep if hasattr(loader, name)}
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    resizable = DataLoader(dataset, batch_sampler=sampler, **kwargs)
+    # The iterator Lightning made before this hook (workers included) is shut down and replaced.
+    combined.reset()
+    combined.flattened = [resizable]
+    combined.limits = None
+    fetcher = fit_loop._data_fetcher
+    if fetcher is not None:
+        fetcher.setup(combined)
+    return sampler
+
+
+def _sampling_of(loader: DataLoader, size: int) -> tuple[bool, int, int, bool]:
+    """(shuffle, seed, batch size, drop_last) of a dataloader we know how to re-create."""
+    global_seed = int(os.getenv("PL_GLOBAL_SEED", 0))  # what Lightning seeds its DistributedSampler with
+    batch_sampler = loader.batch_sampler
+    if isinstance(batch_sampler, ResizableBatchSampler):
+        return batch_sampler.shuffle, batch_sampler.seed, batch_sampler.batch_size, batch_sampler.drop_last
+    if type(batch_sampler) is not BatchSampler or batch_sampler.batch_size is None:
+        raise MisconfigurationException(
+            f"grow_batch_size=True cannot resize a dataloader whose batch sampler is "
+            f"{type(batch_sampler).__name__}. " + _RESIZABLE_HELP
+        )
+    inner = batch_sampler.sampler
+    if type(inner) is SequentialSampler:
+        shuffle, seed = False, global_seed
+    elif type(inner) is RandomSampler and not inner.replacement and inner.num_samples == size:
+        shuffle, seed = True, global_seed
+    elif type(inner) is DistributedSampler:
+        shuffle, seed = inner.shuffle, inner.seed
+    else:
+        raise MisconfigurationException(
+            f"grow_batch_size=True cannot resize a dataloader sampling with {type(inner).__name__} (only sequential "
+            "or shuffled epochs without replacement can be served exactly once at a changing batch size). "
+            + _RESIZABLE_HELP
+        )
+    return shuffle, seed, batch_sampler.batch_size, batch_sampler.drop_last

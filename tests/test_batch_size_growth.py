@@ -1,0 +1,231 @@
+"""Batch-size growth inside real Lightning fits: sample accounting, LR rules, resume, errors, a real policy."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from lightning_gns import NoiseScaleMonitor
+from tests.helpers.ground_truth import Classifier, make_dataset, make_net, pretrain
+from tests.helpers.growth import IndexedDataset, Recorder, ScriptedScheduler
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*does not have many workers.*",
+    "ignore:NoiseScaleMonitor has no logger:RuntimeWarning",
+    "ignore:.*the number of training batches.*",
+)
+
+SIZE = 90
+
+
+def _trainer(monitor, **kwargs) -> pl.Trainer:
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "callbacks": [monitor],
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def _monitor(script, initial=4, **kwargs) -> NoiseScaleMonitor:
+    options = {"source": "per_example", "log_every_n_steps": 2, "max_micro_batch_size": 16}
+    return NoiseScaleMonitor(
+        grow_batch_size=True, batch_size_scheduler=ScriptedScheduler(initial, script), **{**options, **kwargs}
+    )
+
+
+def _served_per_epoch(model):
+    epochs = sorted({epoch for epoch, _, _ in model.served})
+    return {e: [i for epoch, _, batch in model.served if epoch == e for i in batch] for e in epochs}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_growth_mid_epoch_serves_every_example_exactly_once(num_workers):
+    model = Recorder()
+    monitor = _monitor([(20, 8), (60, 24), (150, 48)])
+    trainer = _trainer(monitor, max_epochs=3)
+    loader = DataLoader(
+        IndexedDataset(SIZE), batch_size=4, shuffle=True, num_workers=num_workers, persistent_workers=num_workers > 0
+    )
+    trainer.fit(model, loader)
+
+    for epoch, served in _served_per_epoch(model).items():
+        assert sorted(served) == list(range(SIZE)), f"epoch {epoch}"
+    changes = monitor.growth.changes
+    assert [c["batch_size"] for c in changes] == [8, 24, 48]
+    # The first change lands inside the first epoch (workers prefetch batches, which pushes it a little later).
+    assert changes[0]["epoch"] == 0
+    assert 0 < changes[0]["batch"] < len([b for e, b, _ in model.served if e == 0]) - 1
+    if num_workers == 0:
+        assert changes[1]["epoch"] == 0
+    # 24 = micro-batch 12 × accumulation 2 and 48 = 16 × 3: the micro-batch stops at its cap, accumulation grows.
+    assert [(c["micro_batch_size"], c["accumulate_grad_batches"]) for c in changes] == [(8, 1), (12, 2), (16, 3)]
+    assert trainer.accumulate_grad_batches == 3
+    # Each change lands on a step boundary of both the old and the new accumulation.
+    assert changes[1]["batch"] % 2 == 0
+    sizes = [len(batch) for epoch, b, batch in model.served if epoch == 0]
+    assert sizes[: changes[0]["batch"]] == [4] * changes[0]["batch"]
+    if num_workers == 0:
+        assert set(sizes[changes[0]["batch"] : changes[1]["batch"]]) == {8}
+        assert sizes[changes[1]["batch"]] == 12
+
+
+def test_lightning_counts_the_new_number_of_batches():
+    """The epoch ends where the data ends: Lightning steps on the last batch and runs validation at epoch end."""
+    model = Recorder()
+    monitor = _monitor([(12, 16)])
+    trainer = _trainer(monitor, max_epochs=2)
+    trainer.fit(model, DataLoader(IndexedDataset(SIZE), batch_size=4, shuffle=False))
+    per_epoch = _served_per_epoch(model)
+    assert all(sorted(v) == list(range(SIZE)) for v in per_epoch.values())
+    assert trainer.num_training_batches == math.ceil(SIZE / 16)
+    # Every batch went into an optimizer step: steps = batches (no accumulation).
+    assert trainer.global_step == len(model.served)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "schedule", "rule"),
+    [("sgd", None, "linear"), ("adam", None, "sqrt"), ("sgd", "step", "linear"), ("adam", "cosine", "sqrt")],
+)
+def test_learning_rate_rule_scales_the_schedulers_output(optimizer, schedule, rule):
+    model = Recorder(optimizer=optimizer, lr_schedule=schedule, lr=0.01)
+    monitor = _monitor([(16, 8), (48, 32)], max_micro_batch_size=None)
+    trainer = _trainer(monitor, max_steps=30)
+    trainer.fit(model, DataLoader(IndexedDataset(SIZE), batch_size=4, shuffle=True))
+    assert monitor.growth.rule == rule
+
+    changes = monitor.growth.changes
+    assert [c["batch_size"] for c in changes] == [8, 32]
+    assert len(model.step_lrs) == 30
+    for step, (inside, scheduled) in enumerate(model.step_lrs):
+        in_force = max([4] + [c["batch_size"] for c in changes if c["global_step"] <= step])
+        ratio = in_force / 4
+        expected = scheduled * (ratio if rule == "linear" else math.sqrt(ratio))
+        assert inside == pytest.approx(expected, rel=1e-12), f"step {step}"
+    # The schedulers were not fought: the optimizer holds their closed-form value after 30 steps (what they and
+    # checkpoints see), the scale having been applied inside the optimizer step only.
+    closed_form = {None: 0.01, "step": 0.01 * 0.5 ** (30 // 3), "cosine": 0.01 * (1 + math.cos(math.pi * 30 / 40)) / 2}
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(closed_form[schedule], rel=1e-9)
+
+
+def test_lr_warmup_reaches_the_new_scale_linearly():
+    model = Recorder(lr=0.01)
+    monitor = _monitor([(16, 16)], max_micro_batch_size=None, lr_warmup_steps=3)
+    trainer = _trainer(monitor, max_steps=14)
+    trainer.fit(model, DataLoader(IndexedDataset(SIZE), batch_size=4, shuffle=False))
+    change = monitor.growth.changes[0]["global_step"]
+    scales = [inside / 0.01 for inside, _ in model.step_lrs]
+    assert scales[:change] == pytest.approx([1.0] * change)
+    assert scales[change : change + 4] == pytest.approx([1.75, 2.5, 3.25, 4.0])
+
+
+def test_resume_after_growth_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
+    script = [(20, 8), (60, 24), (150, 48)]
+
+    def run(max_steps, ckpt_path=None, checkpoint_every=None):
+        model = Recorder()
+        callbacks = [_monitor(script)]
+        if checkpoint_every:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=checkpoint_every, save_top_k=-1))
+        trainer = _trainer(
+            callbacks[0], callbacks=callbacks, max_steps=max_steps, enable_checkpointing=bool(checkpoint_every)
+        )
+        loader = DataLoader(IndexedDataset(SIZE), batch_size=4, shuffle=True)
+        trainer.fit(model, loader, ckpt_path=ckpt_path)
+        return model, callbacks[0], trainer
+
+    full, full_monitor, _ = run(max_steps=24)
+    # Step 14 is after the second growth (micro 12 × accumulation 2), in the middle of the first epoch... or the
+    # second: either way mid-epoch, with a change still pending for some checkpoints.
+    first, _, _ = run(max_steps=14, checkpoint_every=14)
+    ckpt = tmp_path / "epoch=0-step=14.ckpt"
+    if not ckpt.exists():
+        ckpt = next(tmp_path.glob("*step=14.ckpt"))
+    resumed, resumed_monitor, trainer = run(max_steps=24, ckpt_path=str(ckpt))
+
+    assert full_monitor.growth.changes[0]["global_step"] < 14
+    assert first.served + resumed.served == full.served
+    assert first.losses + resumed.losses == full.losses  # bit for bit (float equality)
+    assert trainer.accumulate_grad_batches == 3
+    assert resumed_monitor.growth.changes == full_monitor.growth.changes
+    assert resumed_monitor.growth.current_lr_scale == full_monitor.growth.current_lr_scale
+
+
+def test_growth_logs_its_quantities(tmp_path):
+    model = Recorder()
+    monitor = _monitor([(16, 8)])
+    trainer = _trainer(monitor, max_steps=20, logger=CSVLogger(tmp_path, name="run"))
+    trainer.fit(model, DataLoader(IndexedDataset(SIZE), batch_size=4, shuffle=True))
+    text = (tmp_path / "run" / "version_0" / "metrics.csv").read_text()
+    header = text.splitlines()[0].split(",")
+    for key in ("gns/lr", "gns/lr_scale", "gns/accumulate_grad_batches", "gns/batch_size", "gns/batch_size_changes"):
+        assert key in header
+    rows = [dict(zip(header, line.split(","), strict=True)) for line in text.splitlines()[1:]]
+    last = [r for r in rows if r["gns/batch_size_changes"]][-1]
+    assert float(last["gns/batch_size_changes"]) == 1
+    assert float(last["gns/lr"]) == pytest.approx(0.05 * 2)
+    assert float(last["gns/batch_size"]) == 8
+
+
+def test_real_policy_grows_to_the_noise_scale_and_stops():
+    """Fixed weights (lr 0) with B_simple ≈ 17: from 4, the b_crit policy doubles up to 16 and stays there."""
+    torch.manual_seed(0)
+    dataset = make_dataset()
+    net = make_net()
+    pretrain(net, dataset, steps=5, lr=0.1)
+    monitor = NoiseScaleMonitor(source="per_example", grow_batch_size=True, log_every_n_steps=5)
+    trainer = _trainer(monitor, max_epochs=25)
+    trainer.fit(Classifier(net, lr=0.0), DataLoader(dataset, batch_size=4, shuffle=True))
+    sizes = [c["batch_size"] for c in monitor.growth.changes]
+    assert sizes == [8, 16]
+    assert float(monitor.estimates["b_simple"]) == pytest.approx(17, rel=0.35)
+
+
+class _NotALoader:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("loader_kwargs", "trainer_kwargs", "match"),
+    [
+        ({"sampler": "weighted"}, {}, "WeightedRandomSampler"),
+        ({}, {"reload_dataloaders_every_n_epochs": 1}, "reload_dataloaders_every_n_epochs"),
+        ({}, {"limit_train_batches": 5}, "limit_train_batches"),
+    ],
+)
+def test_unresizable_runs_are_refused_with_the_fix(loader_kwargs, trainer_kwargs, match):
+    dataset = IndexedDataset(SIZE)
+    if loader_kwargs.get("sampler") == "weighted":
+        loader = DataLoader(dataset, batch_size=4, sampler=WeightedRandomSampler([1.0] * SIZE, SIZE))
+    else:
+        loader = DataLoader(dataset, batch_size=4)
+    trainer = _trainer(_monitor([]), max_steps=3, **trainer_kwargs)
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer.fit(Recorder(), loader)
+
+
+def test_options_without_growth_are_refused():
+    with pytest.raises(MisconfigurationException, match="grow_batch_size=True"):
+        NoiseScaleMonitor(max_batch_size=512)
+    with pytest.raises(MisconfigurationException, match="lr_scaling"):
+        NoiseScaleMonitor(grow_batch_size=True, lr_scaling="cubic")
+
+
+def test_unknown_optimizer_needs_a_declared_lr_rule():
+    class Odd(Recorder):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters())
+
+    trainer = _trainer(_monitor([]), max_steps=2)
+    with pytest.raises(MisconfigurationException, match="lr_scaling='linear'"):
+        trainer.fit(Odd(), DataLoader(IndexedDataset(SIZE), batch_size=4))
