@@ -80,17 +80,38 @@ def test_growth_mid_epoch_serves_every_example_exactly_once(num_workers):
         assert sizes[changes[1]["batch"]] == 12
 
 
+class _Validated(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.validations: list[tuple[int, int]] = []
+
+    def validation_step(self, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.validations.append((self.current_epoch, self.trainer.global_step))
+
+
+class _DataModule(pl.LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader(IndexedDataset(SIZE), batch_size=4, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(IndexedDataset(20, seed=1), batch_size=10)
+
+
 def test_lightning_counts_the_new_number_of_batches():
-    """The epoch ends where the data ends: Lightning steps on the last batch and runs validation at epoch end."""
-    model = Recorder()
+    """From a LightningDataModule: the epoch ends where the data ends, steps on its last batch, validates there."""
+    model = _Validated()
     monitor = _monitor([(12, 16)])
-    trainer = _trainer(monitor, max_epochs=2)
-    trainer.fit(model, DataLoader(IndexedDataset(SIZE), batch_size=4, shuffle=False))
+    trainer = _trainer(monitor, max_epochs=3, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=_DataModule())
     per_epoch = _served_per_epoch(model)
     assert all(sorted(v) == list(range(SIZE)) for v in per_epoch.values())
     assert trainer.num_training_batches == math.ceil(SIZE / 16)
     # Every batch went into an optimizer step: steps = batches (no accumulation).
     assert trainer.global_step == len(model.served)
+    # One validation per epoch, after the epoch's last step.
+    ends = [sum(1 for e, *_ in model.served if e <= epoch) for epoch in range(3)]
+    assert model.validations == [(epoch, ends[epoch]) for epoch in range(3)]
 
 
 @pytest.mark.parametrize(

@@ -343,6 +343,11 @@ class BatchSizeGrowth:
         if fetcher is not None and fetcher.length is not None:
             fetcher.length = length
             fetcher.done = fetcher.fetched >= length
+        # Validation "every fraction of an epoch" was turned into batches from the starting length (as Lightning's
+        # `FitLoop.setup_data` does); an epoch-end validation would otherwise never come.
+        interval = trainer.val_check_interval
+        if isinstance(interval, float) and getattr(trainer, "_val_check_time_interval", None) is None:
+            trainer.val_check_batch = max(1, int(length * interval))
 
     # -- the learning rate ------------------------------------------------------------------------------------------
 
