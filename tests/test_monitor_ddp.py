@@ -56,7 +56,7 @@ def problem():
     [
         ("auto", 1, 16, "ddp_spawn", "ddp"),
         ("ddp", 2, 8, "ddp_spawn_find_unused_parameters_true", "ddp"),
-        ("accumulation", 2, 8, "ddp_spawn", "accumulation"),
+        ("auto", 2, 8, "ddp_spawn", "accumulation"),
     ],
 )
 def test_ddp_sources_match_exact_truth_on_every_rank(

@@ -47,7 +47,10 @@ class NoiseScaleMonitor(Callback):
     ``per_example``   1                             the batch (× accumulation × world)  any run
     ================  ============================  ===============================  ==========================
 
-    ``"auto"`` takes the first that the run supports, in that order (the cheapest first), and says which.
+    ``"auto"`` picks ``accumulation`` whenever ``accumulate_grad_batches >= 2`` (under DDP too: of the three
+    levels, micro-batch, rank and global, the micro-batches of all ranks against the all-reduced gradient are the
+    most precise pair, as precise as the best linear combination of all three), else ``ddp`` with 2+ processes,
+    else ``per_example``; it says which in the log.
     Norms are read before gradient clipping, after AMP's loss scale is taken out; steps whose gradients are not
     finite are skipped and counted.
 
@@ -281,10 +284,12 @@ class NoiseScaleMonitor(Callback):
             )
         if self.source_name != "auto":
             return self.source_name
-        if world >= 2:
-            return "ddp"
+        # Accumulation first, also under DDP: its tr(Σ) estimate is 1.5-4× tighter than the ddp source's
+        # (tests/test_three_levels.py), at the same ≤ 3% cost.
         if accumulate >= 2:
             return "accumulation"
+        if world >= 2:
+            return "ddp"
         return "per_example"
 
     def _build_source(self, name: str, trainer: pl.Trainer, world: int, accumulate: int) -> GradientSource:
