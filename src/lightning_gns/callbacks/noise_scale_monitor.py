@@ -337,16 +337,18 @@ class NoiseScaleMonitor(Callback):
 
     def _tensorboard_layout(self) -> dict[str, dict[str, list[Any]]]:
         key = self.log_key_prefix
-        return {
-            "gradient noise scale": {
-                "B_simple (with its band)": [
-                    "Margin",
-                    [f"{key}b_simple", f"{key}b_simple_lower", f"{key}b_simple_upper"],
-                ],
-                "B_crit suggestion and batch size": ["Multiline", [f"{key}b_crit", f"{key}batch_size"]],
-                "|G|² and tr(Σ)": ["Multiline", [f"{key}grad_sq_norm", f"{key}trace_sigma"]],
-            }
+        charts: dict[str, list[Any]] = {
+            "B_simple (with its band)": ["Margin", [f"{key}b_simple", f"{key}b_simple_lower", f"{key}b_simple_upper"]],
+            "B_crit suggestion and batch size": ["Multiline", [f"{key}b_crit", f"{key}batch_size"]],
+            "|G|² and tr(Σ)": ["Multiline", [f"{key}grad_sq_norm", f"{key}trace_sigma"]],
         }
+        if self.growth is not None:
+            charts["batch-size growth: sizes"] = [
+                "Multiline",
+                [f"{key}batch_size", f"{key}batch_size_target", f"{key}micro_batch_size"],
+            ]
+            charts["batch-size growth: learning rate"] = ["Multiline", [f"{key}lr", f"{key}lr_scale"]]
+        return {"gradient noise scale": charts}
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
