@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from lightning_gns import NoiseScaleMonitor
 from lightning_gns.cli import main
-from lightning_gns.report import ReportError, make_report, read_run
+from lightning_gns.report import ReportError, make_report, read_run, summarize
 from tests.helpers.ground_truth import Classifier, make_dataset, make_net
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers.*", "ignore:.*log_every_n_steps.*")
@@ -202,6 +202,22 @@ def test_growing_batch_history_lr_rule_and_clipped_band(tmp_path):
     assert "upper end is above the axis at 8 of 40 logged points (8 of them +inf" in report
     assert "B_simple is undefined (|G|² ≤ 0, logged NaN) at 3 of 40 points" in report
     assert "|G|²: 3 of 40 logged values are ≤ 0 or not finite and are not drawn" in report
+
+
+def test_short_last_batches_of_epochs_are_not_batch_size_changes(tmp_path):
+    run = tmp_path / "epochs"
+    run.mkdir()
+    rows = [(4, 32), (9, 30), (14, 32), (19, 32), (24, 30)]  # two logging steps fell on an epoch's short batch
+    (run / "metrics.csv").write_text(
+        "step,gns/b_simple,gns/b_simple_lower,gns/b_simple_upper,gns/batch_size\n"
+        + "".join(f"{step},100,50,200,{batch}\n" for step, batch in rows)
+    )
+    log = read_run(run)
+    summary = summarize(log)
+    assert summary.batch_history == []
+    assert summary.batch_size == 32
+    assert summary.short_batches == 2
+    assert summary.lr_text.startswith("fixed")
 
 
 def _unresolved_run(path):

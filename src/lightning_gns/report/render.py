@@ -98,7 +98,7 @@ def document(log: RunLog, summary: RunSummary, figures: dict[str, FigureFile]) -
         scaled = f"[{format_number(factor * suggestion.lower)}, {format_number(factor * suggestion.upper)}]"
         rows.append([f"Interval of the suggestion (b_crit = {format_number(factor)} × B_simple)", scaled])
     rows += [
-        [f"Batch size used there (`{key}batch_size`)", format_number(summary.batch_size)],
+        [f"Batch size used there (`{key}batch_size`)", _batch_used(summary)],
         [f"Examples seen (`{key}examples`)", format_number(suggestion.examples)],
         ["Averaging window (the monitor's horizon)", summary.horizon_text],
         ["Gradient source", summary.gradient_source],
@@ -143,6 +143,16 @@ def document(log: RunLog, summary: RunSummary, figures: dict[str, FigureFile]) -
         blocks += _batch_history_section(log, summary, figures.get("batch_size"))
     blocks.append(Paragraph("How to read each figure: `docs/report.md` in the lightning-gns repository."))
     return blocks
+
+
+def _batch_used(summary: RunSummary) -> str:
+    text = format_number(summary.batch_size)
+    if summary.short_batches:
+        text += (
+            f" ({summary.short_batches} logged points fell on the short last batch of an epoch; they are not "
+            "changes of the batch size)"
+        )
+    return text
 
 
 def _reading_the_suggestion(summary: RunSummary) -> list[Block]:

@@ -85,6 +85,7 @@ class RunSummary:
 
     suggestion: Suggestion
     batch_size: float
+    short_batches: int
     horizon_examples: float | None
     horizon_text: str
     num_skipped: float
@@ -141,11 +142,16 @@ def summarize(log: RunLog) -> RunSummary:
         lower=at("b_simple_lower"),
         upper=at("b_simple_upper"),
     )
-    batch_size = at("batch_size")
+    batch = log.get("batch_size")
+    batch_size, short_batches = math.nan, 0
+    if batch is not None:
+        nominal, short_batches = nominal_batch_sizes(batch)
+        batch_size = Series(batch.steps, nominal).at(step)
     horizon, horizon_text = _horizon(log)
     return RunSummary(
         suggestion=suggestion,
         batch_size=batch_size,
+        short_batches=short_batches,
         horizon_examples=horizon,
         horizon_text=horizon_text,
         num_skipped=at("num_skipped"),
@@ -205,7 +211,7 @@ def _lr_rule(log: RunLog) -> str:
         parts.append(f"last scale factor {format_number(scale.last())} (`{log.prefix}lr_scale`)")
     if parts:
         return "; ".join(parts)
-    if batch is None or np.ptp(batch.values) == 0:
+    if not batch_size_changes(log):
         return f"fixed: the batch size did not change and no `{log.prefix}lr` was logged (the optimizer's own)"
     return f"not recorded: the batch size changed but no `{log.prefix}lr` or `{log.prefix}lr_scale` was logged"
 
@@ -228,24 +234,50 @@ def _rule_name(exponent: float) -> str:
     return "neither linear nor square-root"
 
 
+def nominal_batch_sizes(batch: Series) -> tuple[np.ndarray, int]:
+    """The logged batch sizes with the short last batches of epochs taken out, and how many there were.
+
+    The monitor logs the batch of the logging step; when that step ends an epoch whose last batch is short, one
+    point dips below its neighbours. A dip for a single logged point (back up to the value before it at the next
+    point, or at the end of the log) is such a batch, not a change of the batch size in use: it takes the value
+    before it.
+
+    Example::
+
+        >>> import numpy as np
+        >>> from lightning_gns.report.reading import Series
+        >>> nominal_batch_sizes(Series(np.arange(6), np.array([32.0, 30, 32, 64, 64, 60])))
+        (array([32., 32., 32., 64., 64., 64.]), 2)
+    """
+    values = batch.values.copy()
+    short = 0
+    for i in range(1, len(values)):
+        last = i == len(values) - 1
+        if values[i] < values[i - 1] and (last or batch.values[i + 1] == values[i - 1]):
+            values[i] = values[i - 1]
+            short += 1
+    return values, short
+
+
 def batch_size_changes(log: RunLog) -> bool:
-    """Whether the logged batch size took more than one value."""
+    """Whether the batch size in use changed (short last batches of epochs do not count)."""
     batch = log.get("batch_size")
-    return batch is not None and len(batch.values) > 1 and np.ptp(batch.values) > 0
+    return batch is not None and len(batch.values) > 1 and np.ptp(nominal_batch_sizes(batch)[0]) > 0
 
 
 def batch_history(log: RunLog) -> list[BatchSizeChange]:
-    """The batch size in force from each logged change on (its first value included); empty if it never changed."""
+    """The batch size in force from each change on (its first value included); empty if it never changed."""
     batch = log.get("batch_size")
     if batch is None or not batch_size_changes(log):
         return []
+    nominal, _ = nominal_batch_sizes(batch)
     examples, lr, accumulate = log.get("examples"), log.get("lr"), log.get("accumulate_grad_batches")
-    keep = np.flatnonzero(np.r_[True, np.diff(batch.values) != 0])
+    keep = np.flatnonzero(np.r_[True, np.diff(nominal) != 0])
     return [
         BatchSizeChange(
             step=int(batch.steps[i]),
             examples=math.nan if examples is None else examples.at(int(batch.steps[i])),
-            batch_size=float(batch.values[i]),
+            batch_size=float(nominal[i]),
             lr=math.nan if lr is None else lr.at(int(batch.steps[i])),
             accumulate_grad_batches=math.nan if accumulate is None else accumulate.at(int(batch.steps[i])),
         )
