@@ -1,4 +1,4 @@
-"""The ``lightning-gns`` command line: ``lightning-gns demo`` trains the bundled tasks with the monitor."""
+"""The ``lightning-gns`` command line: ``demo`` trains the bundled tasks with the monitor; ``report`` plots a run."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_gns import __version__
+from lightning_gns.report import command as report_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress-bar", action="store_true")
+    report_command.add_arguments(commands.add_parser("report", help=report_command.HELP))
     return parser
 
 
@@ -63,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "report":
+        return report_command.run(args)
     parser.print_help()
     return 2
 
