@@ -2,6 +2,7 @@ r"""``NoiseScaleMonitor``: the gradient noise scale of a Lightning run, logged w
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Literal
@@ -9,6 +10,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.data import extract_batch_size
@@ -69,6 +71,7 @@ class NoiseScaleMonitor(Callback):
     ``batch_size``            the step's big batch (examples per optimizer step, all ranks)
     ``examples``              examples seen by the optimizer steps so far (all ranks)
     ``num_skipped``           steps left out so far because their gradients were not finite
+    ``horizon_examples``      the moving average's horizon in examples
     ========================  ===================================================================
 
     With a :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes a custom-scalars layout showing
@@ -331,9 +334,19 @@ class NoiseScaleMonitor(Callback):
                 "`monitor.estimates`. Pass a logger to the Trainer to see the curves.",
                 category=RuntimeWarning,
             )
+        # What the numbers mean, for whoever reads the logs later (`lightning-gns report` does).
+        described: dict[str, Any] = {"gns_source": self._source.name if self._source is not None else "none"}
+        if self.growth is not None:
+            described["lr_scaling"] = self.growth.rule
+            described["growth_policy"] = self.growth.scheduler.policy if self.growth.scheduler else "none"
         for logger in trainer.loggers:
+            logger.log_hyperparams(described)
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars(self._tensorboard_layout())
+                if trainer.is_global_zero and os.path.isdir(logger.log_dir):
+                    # TensorBoardLogger writes hparams.yaml once, before this hook: bring it up to date.
+                    hparams_file = os.path.join(logger.log_dir, TensorBoardLogger.NAME_HPARAMS_FILE)
+                    save_hparams_to_yaml(hparams_file, logger.hparams)
 
     def _tensorboard_layout(self) -> dict[str, dict[str, list[Any]]]:
         key = self.log_key_prefix
@@ -479,6 +492,8 @@ class NoiseScaleMonitor(Callback):
         # The only host sync of the monitor, once per logging period.
         values = torch.stack([estimates[k].double() for k in keys] + [self._num_skipped.double()]).tolist()
         metrics = {f"{self.log_key_prefix}{k}": v for k, v in zip((*keys, "num_skipped"), values, strict=True)}
+        if self.horizon_examples is not None:
+            metrics[f"{self.log_key_prefix}horizon_examples"] = float(self.horizon_examples)
         if self._layer_ema is not None and isinstance(self._source, PerExampleSource):
             layer_b_simple = ema_compute(self._layer_ema, self.confidence)["b_simple"].tolist()
             for name, value in zip(self._source.layer_names, layer_b_simple, strict=True):
