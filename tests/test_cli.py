@@ -126,17 +126,19 @@ def _config_with_monitor_option(tmp_path: Path, key: str, value: object) -> str:
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("sorce", "ddp", "sorce"),  # a typo in an option's name
+        ("sorce", "ddp", "Option 'sorce' is not accepted"),  # a typo in an option's name
         ("source", "dpp", "Got value: dpp"),  # a value the option does not take
         ("confidence", "high", "confidence"),
     ],
 )
-def test_bad_monitor_option_in_yaml_is_a_clear_error(tmp_path, capsys, key, value, message):
+def test_bad_monitor_option_in_yaml_is_a_clear_error(tmp_path, monkeypatch, capsys, key, value, message):
+    monkeypatch.chdir(tmp_path)
     code = main(["fit", "--config", _config_with_monitor_option(tmp_path, key, value)])
     assert code == 2
     err = capsys.readouterr().err
     assert "lightning_gns.NoiseScaleMonitor" in err
     assert message in err
+    assert "--trainer.max_epochs" not in err  # one usage line, not every Trainer option
     assert not (tmp_path / "runs").exists()
 
 

@@ -11,15 +11,27 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_gns import __version__
 
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
 #: Sub-commands handed whole to :class:`GNSLightningCLI` (argparse cannot parse LightningCLI's arguments).
 LIGHTNING_COMMANDS = ("fit", "validate")
+
+
+class _ConciseErrorParser(LightningArgumentParser):
+    """On a bad argument or config, one usage line rather than the ~60 of every Trainer option, then the error."""
+
+    def print_usage(self, file: SupportsWrite[str] | None = None) -> None:
+        """Print the one-line usage (the options are in ``--help``)."""
+        prog = self.prog.replace(" [options]", "")
+        (file or sys.stdout).write(f"usage: {prog} [--config CONFIG] [options]\n")
 
 
 class GNSLightningCLI(LightningCLI):
@@ -30,7 +42,9 @@ class GNSLightningCLI(LightningCLI):
 
     - links ``data.vocab_size`` to ``model.init_args.vocab_size`` when the data module has that attribute (the
       character language model), so that a config never spells out a vocabulary that depends on the corpus;
-    - writes the run's ``config.yaml`` into the log directory, overwriting the one of an earlier run there.
+    - writes the run's ``config.yaml`` into the log directory, overwriting the one of an earlier run there;
+    - on a bad option prints one usage line and the error (jsonargparse's message names the key), not the
+      usage of every Trainer option.
 
     Any other ``LightningCLI`` takes the monitor the same way:
     ``--trainer.callbacks+=lightning_gns.NoiseScaleMonitor --trainer.callbacks.source=per_example``.
@@ -44,6 +58,7 @@ class GNSLightningCLI(LightningCLI):
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", _ConciseErrorParser)
         super().__init__(args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
