@@ -1,4 +1,10 @@
-"""The ``lightning-gns`` command line: ``demo`` trains the bundled tasks with the monitor; ``report`` plots a run."""
+"""The ``lightning-gns`` command line.
+
+- ``lightning-gns demo`` trains the bundled tasks (``configs/*.yaml``) with the monitor and prints what it measured.
+- ``lightning-gns fit --config configs/digits.yaml`` (and ``validate``) hands its arguments to a LightningCLI over
+  any LightningModule and LightningDataModule, with the monitor set up under ``trainer.callbacks``.
+- ``lightning-gns report RUN_DIR`` turns a run's logs into figures and a report.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +12,91 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_gns import __version__
 from lightning_gns.report import command as report_command
 
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
+#: Sub-commands handed whole to :class:`GNSLightningCLI` (argparse cannot parse LightningCLI's arguments).
+LIGHTNING_COMMANDS = ("fit", "validate")
+
+
+class _ConciseErrorParser(LightningArgumentParser):
+    """On a bad argument or config, one usage line rather than the ~60 of every Trainer option, then the error."""
+
+    def print_usage(self, file: SupportsWrite[str] | None = None) -> None:
+        """Print the one-line usage (the options are in ``--help``)."""
+        prog = self.prog.replace(" [options]", "")
+        (file or sys.stdout).write(f"usage: {prog} [--config CONFIG] [options]\n")
+
+
+class GNSLightningCLI(LightningCLI):
+    """A ``LightningCLI`` over any LightningModule and LightningDataModule, the one behind ``lightning-gns fit``.
+
+    Model and data are given by class path (``model.class_path``, ``data.class_path``), the monitor as a callback
+    (``trainer.callbacks``); ``configs/`` holds one file per demo task. On top of a plain ``LightningCLI`` it
+
+    - links ``data.vocab_size`` to ``model.init_args.vocab_size`` when the data module has that attribute (the
+      character language model), so that a config never spells out a vocabulary that depends on the corpus;
+    - writes the run's ``config.yaml`` into the log directory, overwriting the one of an earlier run there;
+    - on a bad option prints one usage line and the error (jsonargparse's message names the key), not the
+      usage of every Trainer option.
+
+    Any other ``LightningCLI`` takes the monitor the same way:
+    ``--trainer.callbacks+=lightning_gns.NoiseScaleMonitor --trainer.callbacks.source=per_example``.
+
+    Args:
+        args: command-line arguments (``None``: ``sys.argv[1:]``) or a config as a ``dict``.
+        run: run the sub-command (``fit``, ``validate``, ...) named first in ``args``; ``False`` only builds the
+            trainer, model and data module from a config without a sub-command.
+        **kwargs: passed on to ``LightningCLI`` (for example ``trainer_defaults``).
+    """
+
+    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", _ConciseErrorParser)
+        super().__init__(args=args, run=run, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link the data module's vocabulary size to the model's, where both have one."""
+        # jsonargparse skips the link when the instantiated data module has no `vocab_size` attribute.
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse ``args`` (a list of strings, or a config as a ``dict``), or ``sys.argv[1:]`` when ``None``."""
+        # LightningCLI warns when both `args` and `sys.argv` have arguments; under `lightning-gns fit` both always
+        # do (main() passes the argv it was given on), so parse without that warning.
+        if isinstance(args, dict | Namespace):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(args)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one sub-command per job."""
-    parser = argparse.ArgumentParser(prog="lightning-gns", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lightning-gns", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"lightning-gns {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser("demo", help="train the bundled tasks (digits MLP, character LM) with the monitor")
     demo.add_argument("--task", choices=("digits", "charlm", "all"), default="all")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the logs go (default: runs/demo)")
-    demo.add_argument("--max-steps", type=int, default=None, help="optimizer steps per task (default: per task)")
-    demo.add_argument("--batch-size", type=int, default=32)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--max-steps", type=int, default=None, help="optimizer steps per task (default: the config's)")
+    demo.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: the config's, 32)")
+    demo.add_argument("--seed", type=int, default=None, help="seed of the run (default: the config's, 0)")
     demo.add_argument("--no-progress-bar", action="store_true")
     report_command.add_arguments(commands.add_parser("report", help=report_command.HELP))
+    # Listed for --help only: main() hands these to GNSLightningCLI before argparse sees them.
+    for name in LIGHTNING_COMMANDS:
+        commands.add_parser(name, help=f"LightningCLI `{name}`, e.g. {name} --config configs/digits.yaml (see --help)")
     return parser
-
-
-# Digits: long enough for a resolved B_simple, short of the near-zero training loss where |G|² vanishes.
-_DEFAULT_STEPS = {"digits": 400, "charlm": 1000}
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -40,16 +108,18 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    if args.max_steps is not None and args.max_steps < 1:
-        print(f"--max-steps must be >= 1, got {args.max_steps}", file=sys.stderr)
-        return 2
+    for option in ("max_steps", "batch_size"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            print(f"--{option.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
+            return 2
     tasks = TASKS if args.task == "all" else (args.task,)
     reports = []
     for task in tasks:
         result = run_task(
             task,
             out_dir=args.out,
-            max_steps=args.max_steps or _DEFAULT_STEPS[task],
+            max_steps=args.max_steps,
             batch_size=args.batch_size,
             seed=args.seed,
             progress_bar=not args.no_progress_bar,
@@ -59,8 +129,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lightning(argv: list[str]) -> int:
+    """Run :class:`GNSLightningCLI` on ``argv`` (sub-command first) and return its exit code."""
+    try:
+        GNSLightningCLI(args=argv)
+    except SystemExit as exit_:  # jsonargparse exits on --help and on a bad config (code 2, message on stderr)
+        code = exit_.code
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(code, file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return _lightning(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":

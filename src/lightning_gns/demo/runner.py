@@ -1,4 +1,10 @@
-"""The demo: train the bundled tasks with a :class:`~lightning_gns.NoiseScaleMonitor` and print what it measured."""
+"""The demo: train the bundled tasks with a :class:`~lightning_gns.NoiseScaleMonitor` and print what it measured.
+
+Each task is the YAML config of the same name in ``configs/`` (shipped in this package, see :func:`config_path`),
+run through :class:`~lightning_gns.cli.GNSLightningCLI`: ``lightning-gns demo`` trains exactly what
+``lightning-gns fit --config configs/<task>.yaml`` trains, with a few overrides (steps, batch size, seed, where
+the logs go) and a callback that keeps the history for the printed table.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import yaml
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_gns.callbacks.noise_scale_monitor import NoiseScaleMonitor
-from lightning_gns.demo.data import CharTextDataModule, DigitsDataModule
-from lightning_gns.demo.models import CharTransformer, DigitsMLP
 
 Task = Literal["digits", "charlm"]
 TASKS: tuple[Task, ...] = ("digits", "charlm")
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def config_path(task: Task) -> Path:
+    """The YAML config of a demo task (``configs/<task>.yaml`` of the repository is the same folder)."""
+    if task not in TASKS:
+        raise ValueError(f"Expected `task` to be one of {TASKS}, but got {task!r}.")
+    return CONFIG_DIR / f"{task}.yaml"
 
 
 @dataclass
@@ -53,36 +66,73 @@ class _History(Callback):
         self.result.history.append(row)
 
 
-def _task(task: Task, batch_size: int) -> tuple[pl.LightningModule, pl.LightningDataModule]:
-    if task == "digits":
-        return DigitsMLP(layer_norm=True), DigitsDataModule(batch_size=batch_size)
-    data = CharTextDataModule(block_size=64, batch_size=batch_size, max_chars=200_000)
-    return CharTransformer(vocab_size=data.vocab_size, block_size=64), data
+def demo_config(
+    task: Task,
+    out_dir: Path | None = None,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    progress_bar: bool = True,
+) -> dict[str, Any]:
+    """A task's config (:func:`config_path`) as a dict, with the demo's overrides applied.
+
+    Args:
+        task: ``"digits"`` or ``"charlm"``.
+        out_dir: the ``save_dir`` of every logger (``None``: the config's, ``runs/demo``).
+        max_steps: optimizer steps; the Trainer then logs 40 times in the run (``None``: the config's).
+        batch_size: examples per batch (``None``: the config's).
+        seed: ``seed_everything`` (``None``: the config's).
+        progress_bar: show Lightning's progress bar.
+
+    Returns:
+        The config, as ``GNSLightningCLI(args=config, run=False)`` takes it.
+    """
+    config: dict[str, Any] = yaml.safe_load(config_path(task).read_text())
+    trainer = config.setdefault("trainer", {})
+    if max_steps is not None:
+        trainer["max_steps"] = max_steps
+        trainer["log_every_n_steps"] = max(1, max_steps // 40)
+    if out_dir is not None:
+        loggers = trainer.get("logger") or []
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            logger.setdefault("init_args", {})["save_dir"] = str(out_dir)
+    if batch_size is not None:
+        config["data"].setdefault("init_args", {})["batch_size"] = batch_size
+    if seed is not None:
+        config["seed_everything"] = seed
+    trainer["enable_progress_bar"] = progress_bar
+    return config
 
 
 def run_task(
-    task: Task, out_dir: Path, max_steps: int, batch_size: int = 32, seed: int = 0, progress_bar: bool = True
+    task: Task,
+    out_dir: Path | None = None,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    progress_bar: bool = True,
 ) -> DemoResult:
-    """Train one bundled task with the monitor, logging to TensorBoard and CSV under ``out_dir/task``."""
-    pl.seed_everything(seed, verbose=False)
-    model, data = _task(task, batch_size)
-    monitor = NoiseScaleMonitor(prog_bar=True)
-    log_every = max(1, max_steps // 40)
-    result = DemoResult(task=task, log_dir=out_dir / task, batch_size=batch_size)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        max_epochs=-1,
-        log_every_n_steps=log_every,
-        logger=[TensorBoardLogger(out_dir, name=task, version=""), CSVLogger(out_dir, name=task, version="csv")],
-        callbacks=[monitor, _History(monitor, max(1, max_steps // 10), result)],
-        enable_checkpointing=False,
-        enable_progress_bar=progress_bar,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(model, datamodule=data)
+    """Train one bundled task from its config (:func:`demo_config`), logging to TensorBoard and CSV.
+
+    Returns:
+        The monitor's estimates at ten points of the run, for :func:`format_result`.
+
+    Raises:
+        ValueError: if the task's config has no :class:`~lightning_gns.NoiseScaleMonitor` among its callbacks.
+    """
+    from lightning_gns.cli import GNSLightningCLI
+
+    config = demo_config(task, out_dir, max_steps, batch_size, seed, progress_bar)
+    cli = GNSLightningCLI(args=config, run=False)
+    trainer = cli.trainer
+    monitors = [c for c in trainer.callbacks if isinstance(c, NoiseScaleMonitor)]  # type: ignore[attr-defined]
+    if not monitors:
+        raise ValueError(f"Expected a NoiseScaleMonitor in `trainer.callbacks` of {config_path(task)}, found none.")
+    steps = trainer.max_steps
+    batch_size = getattr(cli.datamodule, "batch_size", 0)
+    result = DemoResult(task=task, log_dir=Path(trainer.log_dir or "."), batch_size=batch_size)
+    trainer.callbacks.append(_History(monitors[0], max(1, steps // 10), result))  # type: ignore[attr-defined]
+    trainer.fit(cli.model, datamodule=cli.datamodule)
     return result
 
 
