@@ -211,6 +211,11 @@ class TrainingLoss(pl.Callback):
         self._batch_size = 0
         self._last_step = -1
 
+    def _behind(self, target: float, bound: int) -> bool:
+        """Whether the run can no longer beat ``bound`` steps to ``target`` (tuning candidates stop then)."""
+        crossing = self.crossings[str(target)]
+        return crossing is None or crossing.steps > bound
+
     def _loss(self, module: pl.LightningModule) -> float:
         was_training = module.training
         module.eval()
@@ -267,7 +272,7 @@ class TrainingLoss(pl.Callback):
             self.status = "diverged"
         elif self.examples >= self.task.max_examples:
             self.status = "budget"
-        elif self.prune is not None and self.crossings[str(self.prune[0])] is None and step >= self.prune[1]:
+        elif self.prune is not None and step >= self.prune[1] and self._behind(*self.prune):
             self.status = "pruned"
         else:
             return
@@ -576,6 +581,12 @@ def _range(pair: tuple[float, float], spec: str = ".0f") -> str:
     return f"[{_fmt(pair[0], spec)}, {_fmt(pair[1], spec)}]"
 
 
+def _cell(median: float, spread: tuple[float, float], reached: str) -> str:
+    if not math.isfinite(median):
+        return f"not reached ({reached})"
+    return f"{_fmt(median)} [{_fmt(spread[0])}–{_fmt(spread[1])}]"
+
+
 def _verdict(value: float, limit: float) -> str:
     if not math.isfinite(value):
         return "n/a"
@@ -597,34 +608,36 @@ def task_markdown(outcome: dict[str, Any], analysis: dict[str, Any]) -> list[str
         f"- Adaptive: start at B={min(task.sizes)} with lr {tuned[min(task.sizes)]:.4g}, "
         f"`NoiseScaleMonitor(grow_batch_size=True, max_batch_size={task.max_batch_size}, growth_policy=..., "
         f"log_every_n_steps={MONITOR_LOG_EVERY})`, learning-rate rule auto "
-        f"({'linear' if task.optimizer == 'sgd' else 'square root'} for {task.optimizer.upper()}), other options "
+        f"({'linear for SGD' if task.optimizer == 'sgd' else 'square root for Adam'}), other options "
         "at their defaults.",
         f"- Wall time of this task: {outcome['seconds'] / 60:.1f} min.",
         "",
-        "### Steps and examples to each target (median over seeds [min, max])",
+        "### Steps and examples to each target",
         "",
-        "| loss ≤ | run | steps | examples | B_simple at target |",
-        "|---|---|---|---|---|",
+        "Median over seeds, [min–max] in brackets; **bold**: the fixed size that needs the fewest examples; for the "
+        "adaptive runs, the batch size in force when the target was reached (median) follows the '@'.",
+        "",
     ]
-    for row in analysis["rows"]:
-        for size, cell in row["fixed"].items():
-            mark = " (fewest examples)" if size == row["best_fixed_size"] else ""
-            if not math.isfinite(cell["steps"]):
-                lines.append(f"| {row['target']} | fixed B={size}{mark} | not reached ({cell['reached']}) | – | – |")
-                continue
-            lines.append(
-                f"| {row['target']} | fixed B={size}{mark} | {_fmt(cell['steps'])} {_range(cell['steps_range'])} | "
-                f"{_fmt(cell['examples'])} {_range(cell['examples_range'])} | {_fmt(cell['b_simple'])} |"
-            )
-        for policy, entry in row["adaptive"].items():
-            if not math.isfinite(entry["steps"]):
-                lines.append(f"| {row['target']} | **{policy}** | not reached ({entry['reached']}) | – | – |")
-                continue
-            lines.append(
-                f"| {row['target']} | **{policy}** (B={_fmt(entry['batch_size'])} then) | "
-                f"{_fmt(entry['steps'])} {_range(entry['steps_range'])} | "
-                f"{_fmt(entry['examples'])} {_range(entry['examples_range'])} | {_fmt(entry['b_simple'])} |"
-            )
+    rows = analysis["rows"]
+    header = "| run | " + " | ".join(f"loss ≤ {row['target']}" for row in rows) + " |"
+    rule = "|---|" + "---|" * len(rows)
+    for quantity, title in (("steps", "Optimizer steps"), ("examples", "Training examples")):
+        lines += [f"{title}:", "", header, rule]
+        for size in task.sizes:
+            cells = []
+            for row in rows:
+                cell = row["fixed"][size]
+                text = _cell(cell[quantity], cell[f"{quantity}_range"], cell["reached"])
+                cells.append(f"**{text}**" if size == row["best_fixed_size"] else text)
+            lines.append(f"| fixed B={size} | " + " | ".join(cells) + " |")
+        for policy in rows[0]["adaptive"]:
+            cells = []
+            for row in rows:
+                entry = row["adaptive"][policy]
+                text = _cell(entry[quantity], entry[f"{quantity}_range"], entry["reached"])
+                cells.append(text + (f" @{_fmt(entry['batch_size'])}" if math.isfinite(entry[quantity]) else ""))
+            lines.append(f"| {policy.replace('adaptive:', 'adaptive ')} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += [
         "",
         "### Adaptive against the most sample-efficient fixed run",
@@ -703,6 +716,7 @@ def plot(outcome: dict[str, Any], analysis: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     task: Task = outcome["task"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
@@ -803,6 +817,14 @@ def plot(outcome: dict[str, Any], analysis: dict[str, Any], path: Path) -> None:
     ax.set(xscale="log", yscale="log", xlabel="examples", ylabel="training-set loss", title="loss curves (seed 0)")
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
+    for ax in axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.set_minor_formatter(NullFormatter())
+    low, high = axes[1].get_ylim()
+    axes[1].set_yticks([2**k for k in range(20) if low <= 2**k <= high])
+    initial = next((r.history[0][2] for r in outcome["fixed"] if r.history), math.nan)
+    axes[2].set_yticks([*task.targets, round(initial, 1)] if math.isfinite(initial) else task.targets)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -877,11 +899,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--policies", default=",".join(POLICIES), help="growth policies of the adaptive runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--out", type=Path, default=None, help="folder for growth.md, growth.json and the plots")
+    parser.add_argument("--report", type=Path, default=None, help="only re-write the report of this growth.json")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
+    if args.report is not None:
+        outcomes, meta = load_outcomes(args.report)
+        write_report(outcomes, meta, args.out or args.report.parent)
+        print((args.out or args.report.parent) / "growth.md")
+        return
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*NoiseScaleMonitor has no logger.*")
     warnings.filterwarnings("ignore", message=".*the number of training batches.*")
@@ -909,21 +937,27 @@ def main(argv: list[str] | None = None) -> None:
     def log(message: str) -> None:
         print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {message}", flush=True)
 
-    outcomes, analyses = [], []
+    outcomes = []
     with tempfile.TemporaryDirectory(prefix="lightning-gns-growth-") as workdir:
         for name in names:
             task = TASK_BUILDERS[name](args.quick)
             if args.seeds is not None:
                 task.seeds = args.seeds
             log(f"{name}: {task.description}")
-            outcome = run_task(task, Path(workdir), log, policies)
-            analysis = analyse(outcome)
-            outcomes.append(outcome)
-            analyses.append(analysis)
-            plot(outcome, analysis, out / f"growth_{name}.png")
-            log(f"{name}: done in {outcome['seconds'] / 60:.1f} min")
+            outcomes.append(run_task(task, Path(workdir), log, policies))
+            log(f"{name}: done in {outcomes[-1]['seconds'] / 60:.1f} min")
     meta["load_average_at_end"] = _load_average()
     meta["minutes"] = (time.perf_counter() - started) / 60
+    write_report(outcomes, meta, out)
+    log(f"wrote {out / 'growth.md'}, growth.json and the plots")
+
+
+def write_report(outcomes: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
+    """Analyse, plot, and write ``growth.md`` and ``growth.json`` (which :func:`load_outcomes` reads back)."""
+    out.mkdir(parents=True, exist_ok=True)
+    analyses = [analyse(outcome) for outcome in outcomes]
+    for outcome, analysis in zip(outcomes, analyses, strict=True):
+        plot(outcome, analysis, out / f"growth_{outcome['task'].name}.png")
     (out / "growth.md").write_text(to_markdown(outcomes, analyses, meta) + "\n")
     payload = {
         "meta": meta,
@@ -932,9 +966,12 @@ def main(argv: list[str] | None = None) -> None:
                 "task": o["task"].name,
                 "description": o["task"].description,
                 "sizes": o["task"].sizes,
+                "max_batch_size": o["task"].max_batch_size,
                 "targets": o["task"].targets,
                 "tune_target": o["task"].tune_target,
                 "seeds": o["task"].seeds,
+                "max_steps": o["task"].max_steps,
+                "max_examples": o["task"].max_examples,
                 "tuned_lr": o["tuned_lr"],
                 "seconds": o["seconds"],
                 "analysis": a["rows"],
@@ -946,8 +983,43 @@ def main(argv: list[str] | None = None) -> None:
         ],
     }
     (out / "growth.json").write_text(json.dumps(_json_safe(payload), indent=1) + "\n")
-    print((out / "growth.md").read_text())
-    log(f"wrote {out / 'growth.md'}, growth.json and the plots")
+
+
+def load_outcomes(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The runs and metadata of a ``growth.json``, to analyse and report again without training."""
+    payload = json.loads(path.read_text())
+
+    def number(value: Any) -> float:
+        return math.nan if value is None else value
+
+    def run(data: dict[str, Any]) -> RunResult:
+        crossings = {
+            k: None if v is None else Crossing(**{f: number(x) for f, x in v.items()})
+            for k, v in data["crossings"].items()
+        }
+        history = [tuple(number(x) for x in h) for h in data.get("history", [])]
+        fields = {k: v for k, v in data.items() if k not in ("crossings", "history")}
+        fields["final_loss"] = number(fields["final_loss"])
+        return RunResult(**fields, crossings=crossings, history=history)  # type: ignore[arg-type]
+
+    outcomes = []
+    for entry in payload["tasks"]:
+        task = TASK_BUILDERS[entry["task"]](False)
+        for name in ("description", "sizes", "max_batch_size", "targets", "tune_target", "seeds", "max_steps"):
+            setattr(task, name, entry.get(name, getattr(task, name)))
+        task.max_examples = entry.get("max_examples", task.max_examples)
+        outcomes.append(
+            {
+                "task": task,
+                "tuned_lr": {int(k): v for k, v in entry["tuned_lr"].items()},
+                "seconds": entry["seconds"],
+                "tuning": [run(r) for r in entry["tuning"]],
+                "fixed": [run(r) for r in entry["fixed"]],
+                "adaptive": [run(r) for r in entry["adaptive"]],
+            }
+        )
+    meta = {k: number(v) for k, v in payload["meta"].items()}
+    return outcomes, meta
 
 
 if __name__ == "__main__":
