@@ -87,6 +87,7 @@ class Task:
     eval_every_examples: int  # 0: evaluate after every optimizer step
     make_model: Callable[[float], pl.LightningModule]
     make_data: Callable[[int, int], pl.LightningDataModule]
+    train_size: int  # N, the number of training examples (the same split size for every seed)
     eval_subset: int | None  # measure the loss on this many training examples (a fixed random subset), None: all
     optimizer: str
 
@@ -115,6 +116,7 @@ def digits_task(quick: bool) -> Task:
         eval_every_examples=0,
         make_model=lambda lr: DigitsMLP(layer_norm=True, lr=lr),
         make_data=make_data,
+        train_size=1437,
         eval_subset=None,
         optimizer="sgd",
     )
@@ -122,6 +124,12 @@ def digits_task(quick: bool) -> Task:
 
 CHARLM_BLOCK = 32
 CHARLM_CHARS = 120_000
+
+
+def _charlm_train_size() -> int:
+    data = CharTextDataModule(block_size=CHARLM_BLOCK, max_chars=CHARLM_CHARS)
+    data.setup("fit")
+    return len(data.train_set)
 
 
 def charlm_task(quick: bool) -> Task:
@@ -147,6 +155,7 @@ def charlm_task(quick: bool) -> Task:
         eval_every_examples=256,
         make_model=lambda lr: CharTransformer(vocab_size=vocab, block_size=CHARLM_BLOCK, lr=lr),
         make_data=make_data,
+        train_size=_charlm_train_size(),
         eval_subset=256,
         optimizer="adam",
     )
@@ -294,6 +303,8 @@ def run_one(
     data = task.make_data(batch_size, seed)
     data.setup("fit")
     x, y = data.train_set.tensors  # type: ignore[attr-defined]  # the seed's own training split
+    if len(x) != task.train_size:
+        raise RuntimeError(f"{task.name}: expected {task.train_size} training examples, the split has {len(x)}")
     if task.eval_subset is not None and task.eval_subset < len(x):
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))[: task.eval_subset]
         x, y = x[keep], y[keep]
@@ -451,11 +462,18 @@ def _summary(runs: list[RunResult], task: Task) -> str:
 # --------------------------------------------------------------------------------------------------- analysis
 
 
-def fit_pareto(batch_sizes: Sequence[float], steps: Sequence[float]) -> dict[str, float]:
+def fit_pareto(batch_sizes: Sequence[float], steps: Sequence[float], population: int | None = None) -> dict[str, float]:
     r"""Fit :math:`S(B) = S_{min} + E_{min}/B` (equivalently :math:`S/S_{min} - 1 = (E/E_{min} - 1)^{-1}` with
     :math:`E = B S`), least squares on :math:`\log S` (each size weighs alike), both parameters positive.
+
+    With ``population`` :math:`N`, the finite-data form :math:`S = S_{min} + E_{min} (1/B - 1/N)`: batches drawn
+    without replacement from :math:`N` examples carry gradient noise :math:`\propto 1/B - 1/N`, not :math:`1/B`, which
+    favours batches that are a sizeable share of the data.
     """
-    b = np.asarray(batch_sizes, dtype=float)
+    inverse = 1 / np.asarray(batch_sizes, dtype=float)
+    if population is not None:
+        inverse = inverse - 1 / population
+    b = 1 / inverse
     s = np.asarray(steps, dtype=float)
     nan = {"s_min": math.nan, "e_min": math.nan, "b_crit": math.nan, "rms_log_residual": math.nan}
     if len(b) < 3:
@@ -516,10 +534,10 @@ def analyse(outcome: dict[str, Any]) -> dict[str, Any]:
         best = min(complete_sizes, key=lambda b: per_size[b]["examples"]) if complete_sizes else None
         # The fit takes the mean batch size actually used, examples / steps: an epoch's last batch is smaller, which
         # matters once the batch is a sizeable share of the training set.
-        fit = fit_pareto(
-            [per_size[b]["examples"] / per_size[b]["steps"] for b in complete_sizes],
-            [per_size[b]["steps"] for b in complete_sizes],
-        )
+        mean_sizes = [per_size[b]["examples"] / per_size[b]["steps"] for b in complete_sizes]
+        median_steps = [per_size[b]["steps"] for b in complete_sizes]
+        fit = fit_pareto(mean_sizes, median_steps)
+        fit_finite = fit_pareto(mean_sizes, median_steps, population=task.train_size)
         seed_fits = []
         for seed in range(seeds):
             points = [per_size[b]["by_seed"][seed] for b in complete_sizes]
@@ -530,6 +548,7 @@ def analyse(outcome: dict[str, Any]) -> dict[str, Any]:
             "fixed": per_size,
             "best_fixed_size": best,
             "fit": fit,
+            "fit_finite_data": fit_finite,
             "b_crit_by_seed": seed_fits,
             "b_simple_fixed_median": _median(fixed_b_simple),
             "b_simple_fixed_range": _spread(fixed_b_simple),
@@ -662,14 +681,16 @@ def task_markdown(outcome: dict[str, Any], analysis: dict[str, Any]) -> list[str
         "",
         "### Critical batch size: the sweep's fit against the monitor's B_simple",
         "",
-        "B_crit = E_min/S_min from fitting S(B) = S_min + E_min/B to the median steps of the fixed sizes (in brackets "
-        "the range of per-seed fits; 'rms' is the fit's rms residual in log S). B_simple is the monitor's smoothed "
+        "B_crit = E_min/S_min from fitting S(B) = S_min + E_min/B to the median steps of the fixed sizes (B: the mean "
+        "batch actually used, examples/steps; in brackets the range of per-seed fits; 'rms': the fit's rms residual "
+        f"in log S). 'finite data': the same fit with the noise of batches drawn without replacement from the "
+        f"N = {task.train_size} training examples, S = S_min + E_min (1/B − 1/N). B_simple is the monitor's smoothed "
         "value when the run reached the target: in the adaptive `b_crit` runs, and in the fixed runs (median over "
         "sizes [range of the per-size medians]; it depends on the batch size and rate, McCandlish's 'temperature').",
         "",
-        "| loss ≤ | S_min | E_min | B_crit (fit) | rms | B_simple (adaptive b_crit) | B_simple (fixed) | "
-        "B_simple / B_crit |",
-        "|---|---|---|---|---|---|---|---|",
+        "| loss ≤ | S_min | E_min | B_crit (fit) | rms | B_crit (finite data) | B_simple (adaptive b_crit) | "
+        "B_simple (fixed) | B_simple (adaptive) / B_crit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in analysis["rows"]:
         fit = row["fit"]
@@ -678,7 +699,8 @@ def task_markdown(outcome: dict[str, Any], analysis: dict[str, Any]) -> list[str
         ratio = adaptive["b_simple"] / fit["b_crit"] if math.isfinite(fit["b_crit"]) else math.nan
         lines.append(
             f"| {row['target']} | {_fmt(fit['s_min'], '.1f')} | {_fmt(fit['e_min'])} | {_fmt(fit['b_crit'])} "
-            f"{_range(_spread(seed_fits))} | {_fmt(fit['rms_log_residual'], '.2f')} | {_fmt(adaptive['b_simple'])} | "
+            f"{_range(_spread(seed_fits))} | {_fmt(fit['rms_log_residual'], '.2f')} | "
+            f"{_fmt(row['fit_finite_data']['b_crit'])} | {_fmt(adaptive['b_simple'])} | "
             f"{_fmt(row['b_simple_fixed_median'])} {_range(row['b_simple_fixed_range'])} | {_fmt(ratio, '.1f')} |"
         )
     lines += ["", "### Adaptive runs: batch-size changes (step: new size)", ""]
@@ -972,6 +994,7 @@ def write_report(outcomes: list[dict[str, Any]], meta: dict[str, Any], out: Path
                 "seeds": o["task"].seeds,
                 "max_steps": o["task"].max_steps,
                 "max_examples": o["task"].max_examples,
+                "train_size": o["task"].train_size,
                 "tuned_lr": o["tuned_lr"],
                 "seconds": o["seconds"],
                 "analysis": a["rows"],
