@@ -96,14 +96,21 @@ class Task:
         return [self.base_lr * 2.0**k for k in range(-6, 7)]
 
 
+def _train_size(make_data: Callable[[int, int], pl.LightningDataModule]) -> int:
+    data = make_data(8, 0)
+    data.setup("fit")
+    return len(data.train_set)  # type: ignore[attr-defined]
+
+
 def digits_task(quick: bool) -> Task:
     def make_data(batch_size: int, seed: int) -> pl.LightningDataModule:
         return DigitsDataModule(batch_size=batch_size, seed=seed)
 
     return Task(
         name="digits",
-        description="DigitsMLP (64-128-128-10, LayerNorm, GELU), SGD momentum 0.9, on the 1437 training images of "
-        "sklearn's digits; loss on the whole training set after every step",
+        description="DigitsMLP (64-128-128-10, LayerNorm, GELU), SGD momentum 0.9, on the "
+        f"{_train_size(make_data)} training images of sklearn's digits; loss on the whole training set after every "
+        "step",
         sizes=[8, 16, 32, 64, 128, 256, 512, 1024],
         max_batch_size=256,
         targets=[0.5, 0.2, 0.1, 0.05, 0.02],
@@ -116,7 +123,7 @@ def digits_task(quick: bool) -> Task:
         eval_every_examples=0,
         make_model=lambda lr: DigitsMLP(layer_norm=True, lr=lr),
         make_data=make_data,
-        train_size=1437,
+        train_size=_train_size(make_data),
         eval_subset=None,
         optimizer="sgd",
     )
@@ -124,12 +131,6 @@ def digits_task(quick: bool) -> Task:
 
 CHARLM_BLOCK = 32
 CHARLM_CHARS = 120_000
-
-
-def _charlm_train_size() -> int:
-    data = CharTextDataModule(block_size=CHARLM_BLOCK, max_chars=CHARLM_CHARS)
-    data.setup("fit")
-    return len(data.train_set)
 
 
 def charlm_task(quick: bool) -> Task:
@@ -155,7 +156,7 @@ def charlm_task(quick: bool) -> Task:
         eval_every_examples=256,
         make_model=lambda lr: CharTransformer(vocab_size=vocab, block_size=CHARLM_BLOCK, lr=lr),
         make_data=make_data,
-        train_size=_charlm_train_size(),
+        train_size=_train_size(make_data),
         eval_subset=256,
         optimizer="adam",
     )
