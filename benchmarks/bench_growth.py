@@ -613,6 +613,40 @@ def _verdict(value: float, limit: float) -> str:
     return "meets" if value <= limit else "misses"
 
 
+def summary_table(analysis: dict[str, Any]) -> list[str]:
+    """Per target: the most sample-efficient fixed run, each adaptive policy against it, B_crit and B_simple."""
+    rows = analysis["rows"]
+    policies = list(rows[0]["adaptive"])
+    names = [p.replace("adaptive:", "") for p in policies]
+    lines = [
+        "### Summary",
+        "",
+        "Medians over seeds. 'best fixed': the fixed size that needs the fewest examples. Ratios: adaptive over best "
+        "fixed (goals: examples ≤ 1.15, steps ≤ 0.6). B_crit: the sweep's fit; B_simple: the monitor's, in the "
+        "adaptive b_crit runs at the target.",
+        "",
+        "| loss ≤ | best fixed: B, steps, examples | "
+        + " | ".join(f"{n}: steps, examples (B then) | {n}: examples ratio, steps ratio" for n in names)
+        + " | B_crit (fit) | B_simple |",
+        "|---|---|" + "---|---|" * len(names) + "---|---|",
+    ]
+    for row in rows:
+        best = row["best_fixed_size"]
+        ref = row["fixed"][best] if best is not None else {"steps": math.nan, "examples": math.nan}
+        cells = [f"{row['target']}", f"B={best}, {_fmt(ref['steps'])}, {_fmt(ref['examples'])}"]
+        for policy in policies:
+            entry = row["adaptive"][policy]
+            cells.append(f"{_fmt(entry['steps'])}, {_fmt(entry['examples'])} (B={_fmt(entry['batch_size'])})")
+            cells.append(
+                f"{_fmt(entry['examples_ratio'], '.2f')} ({_verdict(entry['examples_ratio'], 1.15)}), "
+                f"{_fmt(entry['steps_ratio'], '.2f')} ({_verdict(entry['steps_ratio'], 0.6)})"
+            )
+        b_simple = row["adaptive"].get("adaptive:b_crit", {"b_simple": math.nan})["b_simple"]
+        cells += [_fmt(row["fit"]["b_crit"]), _fmt(b_simple)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def task_markdown(outcome: dict[str, Any], analysis: dict[str, Any]) -> list[str]:
     task: Task = outcome["task"]
     tuned = outcome["tuned_lr"]
@@ -631,6 +665,8 @@ def task_markdown(outcome: dict[str, Any], analysis: dict[str, Any]) -> list[str
         f"({'linear for SGD' if task.optimizer == 'sgd' else 'square root for Adam'}), other options "
         "at their defaults.",
         f"- Wall time of this task: {outcome['seconds'] / 60:.1f} min.",
+        "",
+        *summary_table(analysis),
         "",
         "### Steps and examples to each target",
         "",
@@ -719,7 +755,7 @@ def to_markdown(outcomes: list[dict[str, Any]], analyses: list[dict[str, Any]], 
     lines = [
         "# Batch-size growth: steps and examples to a target loss, fixed batch sizes against adaptive growth",
         "",
-        f"- Run: {meta['date']}, `{meta['command']}`, {meta['minutes']:.1f} min wall time",
+        f"- Run: {meta['date']}, `{meta['command'].strip()}`, {meta['minutes']:.1f} min wall time",
         f"- Device: CPU ({meta['cpu']}, {meta['cores']} cores); torch threads: {meta['threads']}; 1-minute load "
         f"average {meta['load_average_at_start']:.2f} at the start, {meta['load_average_at_end']:.2f} at the end",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
@@ -905,7 +941,10 @@ def _run_json(result: RunResult, keep_history: bool) -> dict[str, Any]:
     out["crossings"] = {k: None if v is None else asdict(v) for k, v in result.crossings.items()}
     if keep_history:
         stride = max(1, len(result.history) // 200)
-        out["history"] = result.history[::stride] + ([result.history[-1]] if len(result.history) > 1 else [])
+        kept = list(result.history[::stride])
+        if result.history and kept[-1] != result.history[-1]:
+            kept.append(result.history[-1])
+        out["history"] = kept
     else:
         del out["history"]
     return out
@@ -949,7 +988,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     meta: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python benchmarks/bench_growth.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", "benchmarks/bench_growth.py", *(sys.argv[1:] if argv is None else argv)]),
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
