@@ -124,9 +124,20 @@ def _demo(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress_bar=not args.no_progress_bar,
         )
-        reports.append(format_result(result))
+        reports.append(format_result(result) + _demo_report(result.log_dir))
     print("\n".join(reports))
     return 0
+
+
+def _demo_report(log_dir: Path) -> str:
+    """Write the run's report (figures, report.md, report.html) beside its logs; the line that says where."""
+    from lightning_gns.report import ReportError, make_report
+
+    try:
+        out = make_report(log_dir)
+    except (ReportError, ModuleNotFoundError) as err:  # the demo's numbers stand without the figures
+        return f"\nReport: not written ({err})"
+    return f"\nReport: {out / 'report.html'}"
 
 
 def _lightning(argv: list[str]) -> int:
