@@ -317,3 +317,18 @@ def test_per_layer_needs_the_per_example_source(problem):
         _trainer(max_steps=1, accumulate_grad_batches=2, callbacks=[NoiseScaleMonitor(per_layer=True)]).fit(
             Classifier(_copy(net)), DataLoader(dataset, batch_size=32)
         )
+
+
+def test_one_example_batches_are_skipped_not_fatal(problem):
+    """An epoch whose last batch holds one example (257 = 8 × 32 + 1): per_example has no estimate for it."""
+    net, dataset, _ = problem
+    extra = torch.utils.data.TensorDataset(dataset.tensors[0][:1], dataset.tensors[1][:1])
+    data = torch.utils.data.ConcatDataset([dataset, extra])
+    monitor = NoiseScaleMonitor(source="per_example", log_every_n_steps=3)
+    trainer = _trainer(max_epochs=2, callbacks=[monitor])
+    trainer.fit(Classifier(_copy(net), lr=0.0), DataLoader(data, batch_size=32, shuffle=False))
+    out = monitor.metric.compute()
+    assert float(out["num_skipped"]) == 2  # the one-example batch of each epoch
+    assert float(out["num_steps"]) == 16
+    assert math.isfinite(float(monitor.estimates["b_simple"]))
+    assert float(monitor.estimates["examples"]) == 2 * 257

@@ -425,7 +425,7 @@ class NoiseScaleMonitor(Callback):
             self._fold(norms)
         layer_steps, self._pending_layers = average_over_ranks(self._pending_layers, world_size), []
         for norms in layer_steps:
-            self._fold_layers(norms)
+            self._fold_layers(_estimable(norms))
 
     def _fold_layers(self, norms: StepNorms) -> None:
         assert self.layer_metric is not None
@@ -454,18 +454,19 @@ class NoiseScaleMonitor(Callback):
             self._num_skipped = self._num_skipped.to(device)
             self._examples_seen = self._examples_seen.to(device)
             self.metric.to(device)
+        usable = _estimable(norms)
         self._ema, skipped = ema_update(
             self._ema,
-            norms.sq_norm_small,
-            norms.sq_norm_big,
-            norms.batch_small,
-            norms.batch_big,
+            usable.sq_norm_small,
+            usable.sq_norm_big,
+            usable.batch_small,
+            usable.batch_big,
             horizon=self.horizon_examples,
             elapsed=norms.batch_big,
             population_size=self.population_size,
         )
         self.metric.update(
-            norms.sq_norm_small, norms.sq_norm_big, norms.batch_small, norms.batch_big, self.population_size
+            usable.sq_norm_small, usable.sq_norm_big, usable.batch_small, usable.batch_big, self.population_size
         )
         self._last_batch_big = norms.batch_big
         self._num_skipped = self._num_skipped + skipped
@@ -548,6 +549,23 @@ class NoiseScaleMonitor(Callback):
         if state_dict.get("layer_metric") is not None and self.layer_metric is not None:
             for name, value in state_dict["layer_metric"].items():
                 setattr(self.layer_metric, name, value.clone())
+
+
+def _estimable(norms: StepNorms) -> StepNorms:
+    """The step as the estimators can take it, a step without an estimate marked non-finite.
+
+    A step whose big batch is no bigger than its small one carries no estimate (a one-example batch under the
+    ``per_example`` source, such as an epoch's last): it goes in as a non-finite step, skipped and counted, rather
+    than stopping the run.
+    """
+    degenerate = norms.batch_big <= norms.batch_small
+    nan = torch.full_like(norms.sq_norm_big, float("nan"))
+    return StepNorms(
+        torch.where(degenerate, nan, norms.sq_norm_small),
+        torch.where(degenerate, nan, norms.sq_norm_big),
+        norms.batch_small,
+        torch.where(degenerate, norms.batch_small + 1, norms.batch_big),
+    )
 
 
 def _training_set_size(trainer: pl.Trainer) -> int | None:
