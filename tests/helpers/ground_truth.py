@@ -56,8 +56,14 @@ def pretrain(net: nn.Module, dataset: TensorDataset, steps: int = 150, lr: float
                 return
 
 
-def exact_truth(net: nn.Module, dataset: TensorDataset) -> dict[str, float]:
-    """|G|², tr(S²) and the finite-population expectations of the two estimators, from every g_i."""
+def exact_truth(
+    net: nn.Module, dataset: TensorDataset, sq_weights: dict[str, Tensor] | None = None
+) -> dict[str, float]:
+    """|G|², tr(S²) and the finite-population expectations of the two estimators, from every g_i.
+
+    With ``sq_weights`` (P² by parameter name, a diagonal preconditioner) the same for the preconditioned
+    per-example gradients P ⊙ g_i.
+    """
     params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
 
     def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
@@ -65,6 +71,8 @@ def exact_truth(net: nn.Module, dataset: TensorDataset) -> dict[str, float]:
 
     inputs, labels = dataset.tensors
     per_example = vmap(grad(loss), in_dims=(None, 0, 0))(params, inputs, labels)
+    if sq_weights is not None:
+        per_example = {k: g.double() * sq_weights[k].double().sqrt() for k, g in per_example.items()}
     flat = torch.cat([g.reshape(inputs.shape[0], -1) for g in per_example.values()], dim=1).double()
     n = flat.shape[0]
     mean = flat.mean(0)
