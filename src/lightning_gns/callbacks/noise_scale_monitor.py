@@ -387,19 +387,19 @@ class NoiseScaleMonitor(Callback):
             return
         norms = self._source.step_norms(grad_scale=_loss_scale(trainer))
         if self._preconditioner is not None and not self._preconditioner_ready():
-            # No second moment yet: the norms were not preconditioned. Leave the step out (on every rank alike:
-            # the optimizer state is replicated); only its examples count.
+            # No second moment yet, so the norms were not preconditioned: leave the step out (every rank alike, the
+            # optimizer state is replicated; nothing is pending before it). Only its examples count.
             self._examples_seen = self._examples_seen + norms.batch_big.to(self._examples_seen.device)
-        else:
-            self._pending.append(norms)
-            if isinstance(self._source, PerExampleSource) and self._source.last_layer_norms is not None:
-                self._pending_layers.append(self._source.last_layer_norms)
+            return
+        self._pending.append(norms)
+        if isinstance(self._source, PerExampleSource) and self._source.last_layer_norms is not None:
+            self._pending_layers.append(self._source.last_layer_norms)
         # Under DDP the rank-local halves of the estimates are averaged over ranks in one all-reduce per logging
         # period rather than one per step (a per-step collective cost 10-20% of a small model's step on gloo).
         # Every rank takes the same steps, so every rank reaches the collective together.
         if trainer.world_size == 1 or self._should_log(trainer):
             self._flush(trainer.world_size)
-        if self._should_log(trainer) and self._ema is not None:
+        if self._should_log(trainer):
             self._log(trainer, pl_module)
 
     def _preconditioner_ready(self) -> bool:
