@@ -7,7 +7,9 @@ P = 1/(√(v/(1-β₂ᵗ)) + ε) is the same at every step of the fit. The test 
 own formula, weights every exact per-example gradient (``torch.func``) by P, and compares the monitor's run
 averages with the finite-population expectations of |P⊙G|², tr(S_P²) and their ratio. Any mistake in the
 weighting of a rule, a source's small or big norm, or the choice of v̂ moves the estimate by far more than 5%
-(the preconditioned truth is far from the plain one, checked below).
+(the preconditioned truth is far from the plain one, checked below). Sampling noise aside, a second test replays
+the very batches of a fit through the exact P-weighted per-example gradients: the monitor must equal that to
+float32 rounding.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gns import NoiseScaleMonitor
-from tests.helpers.ground_truth import Classifier, exact_truth, make_dataset, make_net, pretrain
+from tests.helpers.ground_truth import (
+    Classifier,
+    exact_truth,
+    make_dataset,
+    make_net,
+    per_example_flat_grads,
+    pretrain,
+)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers.*", "ignore:NoiseScaleMonitor has no logger:RuntimeWarning"
@@ -169,6 +178,50 @@ def test_preconditioned_estimate_matches_exact_truth(problem, source, accumulate
     print("\n" + _report(source, out, errors))
     for key, error in errors.items():
         assert abs(error) < 0.05, key
+
+
+class _KeepBatchIndices(Callback):
+    def __init__(self) -> None:
+        self.batches: list[Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append(batch[2].clone())
+
+
+class _IndexedFrozenAdamClassifier(FrozenAdamClassifier):
+    """Batches carry their examples' indices (third tensor), so the test can replay them exactly."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        inputs, labels, _ = batch
+        return nn.functional.cross_entropy(self.net(inputs), labels)
+
+
+@pytest.mark.parametrize(("source", "accumulate", "batch_size"), [("per_example", 1, 32), ("accumulation", 4, 8)])
+def test_preconditioned_estimate_is_the_exact_estimator_on_the_batches_it_saw(problem, source, accumulate, batch_size):
+    """Sampling noise aside: on the very batches of the fit, the monitor equals the two-batch estimator computed
+    from the exact P-weighted per-example gradients (to float32 rounding), step by step averaged."""
+    net, dataset, state, _, _ = problem
+    indexed = TensorDataset(*dataset.tensors, torch.arange(len(dataset)))
+    keep = _KeepBatchIndices()
+    monitor = NoiseScaleMonitor(source=source)
+    trainer = _trainer(max_epochs=4, callbacks=[monitor, keep], accumulate_grad_batches=accumulate)
+    trainer.fit(
+        _IndexedFrozenAdamClassifier(_copy(net), state), DataLoader(indexed, batch_size=batch_size, shuffle=True)
+    )
+    flat = per_example_flat_grads(net, dataset, sq_weights_from_state(net, state))
+    micro = torch.stack(keep.batches)  # [micro-batches, batch_size]
+    steps = micro.reshape(-1, accumulate, batch_size)  # [steps, accumulation, batch_size]
+    if source == "per_example":
+        batch_small, small = 1, flat.square().sum(1)[steps.flatten(1)].mean(1)
+    else:
+        batch_small, small = batch_size, flat[steps].mean(2).square().sum(2).mean(1)
+    batch_big = batch_size * accumulate
+    big = flat[steps.flatten(1)].mean(1).square().sum(1)
+    trace = (small - big) / (1 / batch_small - 1 / batch_big)
+    grad_sq_norm = (batch_big * big - batch_small * small) / (batch_big - batch_small) + trace / len(dataset)
+    out = monitor.metric.compute()
+    torch.testing.assert_close(out["trace_sigma"].double(), trace.mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out["grad_sq_norm"].double(), grad_sq_norm.mean(), rtol=1e-5, atol=0)
 
 
 class _SaveResults(Callback):

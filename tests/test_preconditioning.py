@@ -118,3 +118,22 @@ def test_sources_weight_the_small_and_the_big_norm(source_cls):
             / 8
         )
     torch.testing.assert_close(norms.sq_norm_small, small, rtol=1e-4, atol=0)
+
+
+def test_per_layer_norms_are_weighted_like_the_total():
+    torch.manual_seed(0)
+    model = MLP()
+    sq_weights = {id(p): torch.rand_like(p) * 10 for p in model.parameters()}
+    source = PerExampleSource(per_layer=True, preconditioner=lambda p: sq_weights[id(p)])
+    source.attach(model)
+    nn.functional.cross_entropy(model(torch.randn(6, 6)), torch.randint(0, 3, (6,))).backward()
+    source.micro_batch_done(6)
+    total = source.step_norms()
+    layers = source.last_layer_norms
+    source.detach()
+    assert layers is not None
+    torch.testing.assert_close(layers.sq_norm_small.sum(), total.sq_norm_small, rtol=1e-5, atol=0)
+    torch.testing.assert_close(layers.sq_norm_big.sum(), total.sq_norm_big, rtol=1e-5, atol=0)
+    head = model.net[5]
+    expected_head = sum((p.grad.square() * sq_weights[id(p)]).sum() for p in head.parameters())
+    torch.testing.assert_close(layers.sq_norm_big[-1], expected_head, rtol=1e-5, atol=0)
