@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AdamPreconditioner", "Preconditioner", "is_adam_family", "weighted_sq_norm"]
+__all__ = ["AdamPreconditioner", "Preconditioner", "is_adam_family", "weighted_grad_sq_norms", "weighted_sq_norm"]
 
 Preconditioner = Callable[[Tensor], Tensor | None]
 """``preconditioner(param) -> P²``: the elementwise weight of the parameter's squared gradient entries in every
