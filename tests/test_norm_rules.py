@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from lightning_gns.sources.rules import get_call_rule, get_norm_rule, linear, register_norm_rule, registry
+from lightning_gns.sources.rules import conv, get_call_rule, get_norm_rule, linear, register_norm_rule, registry
 from lightning_gns.sources.rules.attention import multihead_attention_sq_norm
 from lightning_gns.sources.rules.conv import conv_sq_norm, unfold_patches
 from lightning_gns.sources.rules.embedding import embedding_sq_norm
@@ -22,7 +22,12 @@ from lightning_gns.sources.rules.normalization import (
     layer_norm_sq_norm,
     rms_norm_sq_norm,
 )
-from tests.helpers.per_example import layer_sq_norms_by_backward, layer_sq_norms_by_vmap, reduction_factor
+from tests.helpers.per_example import (
+    layer_sq_norms_by_backward,
+    layer_sq_norms_by_vmap,
+    random_weights,
+    reduction_factor,
+)
 
 RTOL = 1e-4
 HYPOTHESIS = settings(deadline=None, max_examples=20)
@@ -42,13 +47,15 @@ def grad_output_of(layer: nn.Module, inputs: Tensor, reduction: str, seed: int =
     return grad_output, weights
 
 
-def check_rule(layer: nn.Module, inputs: Tensor, reduction: str, truth: str = "vmap") -> None:
-    grad_output, weights = grad_output_of(layer, inputs, reduction)
+def check_rule(layer: nn.Module, inputs: Tensor, reduction: str, truth: str = "vmap", weighted: bool = False) -> None:
+    """The rule against exact per-example gradients; ``weighted``: entrywise weights (a preconditioner's P²)."""
+    grad_output, output_weights = grad_output_of(layer, inputs, reduction)
     rule = get_norm_rule(layer)
     assert rule is not None
-    got = rule(layer, (inputs,), grad_output)
+    sq_weights = random_weights(layer) if weighted else None
+    got = rule(layer, (inputs,), grad_output, weights=sq_weights) if weighted else rule(layer, (inputs,), grad_output)
     exact = layer_sq_norms_by_vmap if truth == "vmap" else layer_sq_norms_by_backward
-    expected = exact(layer, inputs, weights) * reduction_factor(inputs.shape[0], reduction)
+    expected = exact(layer, inputs, output_weights, sq_weights) * reduction_factor(inputs.shape[0], reduction)
     assert got.shape == (inputs.shape[0],)
     torch.testing.assert_close(got.double(), expected, rtol=RTOL, atol=1e-12)
 
@@ -64,11 +71,12 @@ def check_rule(layer: nn.Module, inputs: Tensor, reduction: str, truth: str = "v
     bias=st.booleans(),
     sequence=st.sampled_from([(), (1,), (3,), (9,), (2, 3)]),
     reduction=st.sampled_from(["sum", "mean"]),
+    weighted=st.booleans(),
 )
-def test_linear_matches_exact(batch, in_features, out_features, bias, sequence, reduction):
+def test_linear_matches_exact(batch, in_features, out_features, bias, sequence, reduction, weighted):
     torch.manual_seed(batch * 100 + in_features)
     layer = nn.Linear(in_features, out_features, bias=bias).double()
-    check_rule(layer, torch.randn(batch, *sequence, in_features, dtype=torch.float64), reduction)
+    check_rule(layer, torch.randn(batch, *sequence, in_features, dtype=torch.float64), reduction, weighted=weighted)
 
 
 @pytest.mark.parametrize(
@@ -76,10 +84,25 @@ def test_linear_matches_exact(batch, in_features, out_features, bias, sequence, 
     [(2, 32, 32), (40, 3, 4)],
     ids=["gram", "materialised"],
 )
-def test_linear_both_branches_in_float32(steps, in_features, out_features):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_linear_both_branches_in_float32(steps, in_features, out_features, weighted):
     torch.manual_seed(0)
     layer = nn.Linear(in_features, out_features)
-    check_rule(layer, torch.randn(4, steps, in_features), "sum")
+    check_rule(layer, torch.randn(4, steps, in_features), "sum", weighted=weighted)
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 3, 4), (6, 1, 3, 4)], ids=["sequence", "one_position"])
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_weighted_sum_outer_sq_norm_with_blocks_of_rows(monkeypatch, shape, groups):
+    batch, steps, out_features, in_features = shape
+    g, a = torch.randn(batch, steps, out_features, dtype=torch.float64), torch.randn(batch, steps, in_features)
+    a = a.double()
+    weight = torch.rand(groups, out_features, in_features, dtype=torch.float64)
+    per_example = torch.einsum("ntl,ntk->nlk", g, a)
+    expected = (per_example.square() * weight.repeat(batch // groups, 1, 1)).sum((1, 2))
+    torch.testing.assert_close(sum_outer_sq_norm(g, a, weight), expected)
+    monkeypatch.setattr(linear, "_CHUNK_ELEMENTS", 20)  # chunks of whole blocks of rows
+    torch.testing.assert_close(sum_outer_sq_norm(g, a, weight), expected)
 
 
 def test_sum_outer_sq_norm_branches_agree():
@@ -134,8 +157,11 @@ def test_linear_refuses_unbatched_input():
     padding_mode=st.sampled_from(["zeros", "reflect", "circular"]),
     bias=st.booleans(),
     reduction=st.sampled_from(["sum", "mean"]),
+    weighted=st.booleans(),
 )
-def test_conv_matches_exact(dims, batch, groups, kernel, stride, dilation, padding, padding_mode, bias, reduction):
+def test_conv_matches_exact(
+    dims, batch, groups, kernel, stride, dilation, padding, padding_mode, bias, reduction, weighted
+):
     if padding == "same":
         stride = 1  # PyTorch refuses padding="same" with strides
     torch.manual_seed(dims * 10 + kernel)
@@ -152,13 +178,24 @@ def test_conv_matches_exact(dims, batch, groups, kernel, stride, dilation, paddi
         bias=bias,
         padding_mode=padding_mode,
     ).double()
-    check_rule(layer, torch.randn(batch, 2 * groups, *(size,) * dims, dtype=torch.float64), reduction)
+    check_rule(
+        layer, torch.randn(batch, 2 * groups, *(size,) * dims, dtype=torch.float64), reduction, weighted=weighted
+    )
 
 
-def test_conv2d_in_float32_with_uneven_shapes():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_conv2d_in_float32_with_uneven_shapes(weighted):
     torch.manual_seed(0)
     layer = nn.Conv2d(3, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=3)
-    check_rule(layer, torch.randn(4, 3, 9, 7), "sum")
+    check_rule(layer, torch.randn(4, 3, 9, 7), "sum", weighted=weighted)
+
+
+def test_weighted_conv_in_several_chunks(monkeypatch):
+    torch.manual_seed(0)
+    monkeypatch.setattr(conv, "_CHUNK_ELEMENTS", 50)  # one example per chunk
+    monkeypatch.setattr(linear, "_CHUNK_ELEMENTS", 12)  # and the kernel splits its rows (whole groups) again
+    layer = nn.Conv1d(4, 6, 3, groups=2).double()
+    check_rule(layer, torch.randn(5, 4, 7, dtype=torch.float64), "mean", weighted=True)
 
 
 def test_unfold_matches_torch_unfold():
@@ -188,23 +225,29 @@ def test_conv_refuses_unbatched_input_and_other_layers():
     padding_idx=st.sampled_from([None, 0, 2]),
     scale_grad_by_freq=st.booleans(),
     reduction=st.sampled_from(["sum", "mean"]),
+    weighted=st.booleans(),
 )
-def test_embedding_matches_exact(batch, steps, vocab, padding_idx, scale_grad_by_freq, reduction):
+def test_embedding_matches_exact(batch, steps, vocab, padding_idx, scale_grad_by_freq, reduction, weighted):
     if padding_idx is not None and padding_idx >= vocab:
         padding_idx = None
     torch.manual_seed(steps)
     layer = nn.Embedding(vocab, 3, padding_idx=padding_idx, scale_grad_by_freq=scale_grad_by_freq).double()
     ids = torch.randint(0, vocab, (batch, steps))  # a small vocab forces repeats within an example
     grad_output, weights = grad_output_of(layer, ids, reduction)
-    got = embedding_sq_norm(layer, (ids,), grad_output)
+    sq_weights = random_weights(layer) if weighted else None
+    got = embedding_sq_norm(layer, (ids,), grad_output, weights=sq_weights)
     if scale_grad_by_freq:
         # The frequency scaling counts ids over the whole batch, which a one-example vmap cannot see:
         # the truth is the gradient of the batched loss restricted to example i's terms.
+        sq_weight = 1.0 if sq_weights is None else sq_weights["weight"]
         expected = torch.stack(
-            [torch.autograd.grad((layer(ids) * weights)[i].sum(), layer.weight)[0].square().sum() for i in range(batch)]
+            [
+                (torch.autograd.grad((layer(ids) * weights)[i].sum(), layer.weight)[0].square() * sq_weight).sum()
+                for i in range(batch)
+            ]
         )
     else:
-        expected = layer_sq_norms_by_vmap(layer, ids, weights)
+        expected = layer_sq_norms_by_vmap(layer, ids, weights, sq_weights)
     torch.testing.assert_close(got.double(), expected * reduction_factor(batch, reduction), rtol=RTOL, atol=1e-12)
 
 
@@ -245,12 +288,13 @@ def test_embedding_padding_row_gets_nothing_and_frozen_gives_zero():
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, nn.Module) else str(value),
 )
-def test_norm_layers_match_exact(layer, shape, reduction):
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
+def test_norm_layers_match_exact(layer, shape, reduction, weighted):
     torch.manual_seed(0)
     layer = layer.double()
     # vmap cannot update running statistics in place: that layer gets the per-example backward truth.
     truth = "backward" if getattr(layer, "track_running_stats", False) else "vmap"
-    check_rule(layer, 3 * torch.randn(*shape, dtype=torch.float64) + 1, reduction, truth)
+    check_rule(layer, 3 * torch.randn(*shape, dtype=torch.float64) + 1, reduction, truth, weighted=weighted)
 
 
 def test_instance_norm_in_eval_uses_running_statistics():
@@ -260,11 +304,12 @@ def test_instance_norm_in_eval_uses_running_statistics():
     check_rule(layer.eval(), torch.randn(4, 3, 5, dtype=torch.float64), "sum")
 
 
-def test_batch_norm_in_eval_mode_matches_exact():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_batch_norm_in_eval_mode_matches_exact(weighted):
     torch.manual_seed(0)
     layer = nn.BatchNorm2d(3).double()
     layer(torch.randn(8, 3, 4, 4, dtype=torch.float64) * 2 + 1)
-    check_rule(layer.eval(), torch.randn(4, 3, 4, 4, dtype=torch.float64), "mean")
+    check_rule(layer.eval(), torch.randn(4, 3, 4, 4, dtype=torch.float64), "mean", weighted=weighted)
 
 
 def test_batch_norm_in_training_mode_is_refused():
@@ -290,19 +335,27 @@ def test_norm_rules_name_the_wrong_layer():
 # ---------------------------------------------------------------------- MultiheadAttention
 
 
-def _mha_truth(mha: nn.MultiheadAttention, args: tuple[Tensor, ...], kwargs: dict, weights: Tensor) -> Tensor:
-    """One batched forward, one backward per example (batch dim 1 when not batch_first)."""
+def _mha_truth(
+    mha: nn.MultiheadAttention, args: tuple[Tensor, ...], kwargs: dict, weights: Tensor, sq_weights: dict | None = None
+) -> Tensor:
+    """One batched forward, one backward per example (batch dim 1 when not batch_first); entries weighted."""
     out = mha(*args, **kwargs)[0]
     batch_dim = 0 if mha.batch_first else 1
     per_example = (out * weights).sum(tuple(d for d in range(3) if d != batch_dim))
-    params = [p for p in mha.parameters() if p.requires_grad]
+    params = {name: p for name, p in mha.named_parameters() if p.requires_grad}
     norms = []
     for i in range(per_example.shape[0]):
-        grads = torch.autograd.grad(per_example[i], params, retain_graph=True)
-        norms.append(sum(g.double().square().sum() for g in grads))
+        grads = torch.autograd.grad(per_example[i], list(params.values()), retain_graph=True)
+        norms.append(
+            sum(
+                (g.double().square() * (1.0 if sq_weights is None else sq_weights[name])).sum()
+                for name, g in zip(params, grads, strict=True)
+            )
+        )
     return torch.stack(norms)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weighted"])
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize(
     "case",
@@ -319,7 +372,7 @@ def _mha_truth(mha: nn.MultiheadAttention, args: tuple[Tensor, ...], kwargs: dic
         "distinct_qkv",
     ],
 )
-def test_multihead_attention_matches_exact(batch_first, case):
+def test_multihead_attention_matches_exact(batch_first, case, weighted):
     torch.manual_seed(0)
     batch, tgt, src, dim, heads = 3, 4, 5, 8, 2
     kdim = 6 if case in ("cross_kdim", "kdim_partly_frozen") else None
@@ -351,9 +404,11 @@ def test_multihead_attention_matches_exact(batch_first, case):
         key = key + 0.5
     out = mha(query, key, value, **kwargs)[0]
     weights = torch.randn(out.shape, dtype=torch.float64)
-    got = multihead_attention_sq_norm(mha, (query, key, value), kwargs, (weights, None))
+    sq_weights = random_weights(mha) if weighted else None
+    got = multihead_attention_sq_norm(mha, (query, key, value), kwargs, (weights, None), weights=sq_weights)
     assert got is not None
-    torch.testing.assert_close(got.double(), _mha_truth(mha, (query, key, value), kwargs, weights), rtol=RTOL, atol=0)
+    expected = _mha_truth(mha, (query, key, value), kwargs, weights, sq_weights)
+    torch.testing.assert_close(got.double(), expected, rtol=RTOL, atol=0)
 
 
 def test_multihead_attention_hands_unsupported_calls_to_the_fallback():
@@ -377,14 +432,16 @@ class Scale(nn.Module):
         return torch.tanh(x * self.scale)
 
 
-def test_fallback_per_example_grads_match_exact():
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fallback_per_example_grads_match_exact(weighted):
     torch.manual_seed(0)
     layer = Scale(4)
     x = torch.randn(5, 3, 4, dtype=torch.float64)
     weights = torch.randn(5, 3, 4, dtype=torch.float64)
+    sq_weights = random_weights(layer) if weighted else None
     layout = batch_layout(layer, (x,), {}, num_outputs=1)
-    got = sq_norm_of_grads(per_example_grads(layer, dict(layer.named_parameters()), layout, [weights]))
-    torch.testing.assert_close(got, layer_sq_norms_by_vmap(layer, x, weights), rtol=RTOL, atol=0)
+    got = sq_norm_of_grads(per_example_grads(layer, dict(layer.named_parameters()), layout, [weights]), sq_weights)
+    torch.testing.assert_close(got, layer_sq_norms_by_vmap(layer, x, weights, sq_weights), rtol=RTOL, atol=0)
 
 
 class Masked(nn.Module):

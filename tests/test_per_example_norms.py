@@ -24,6 +24,7 @@ from tests.helpers.per_example import (
     SmallCNN,
     TransformerBlock,
     cross_entropy_per_example,
+    random_weights,
     reduce_loss,
     reduction_factor,
     sq_norms_by_backward_per_example,
@@ -584,3 +585,71 @@ def test_multihead_attention_sequence_first_with_padding_mask():
     x, y = torch.randn(3, 5, 8), torch.randint(0, 3, (3, 5))
     norms = measure(model, x, y, "mean")
     assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y) / 9)
+
+
+# ---------------------------------------------------------------------- preconditioned (weighted) norms
+
+
+def _preconditioner(model: nn.Module, weights: dict[str, Tensor], leave_out: str = ""):
+    """A preconditioner from fixed weights by parameter name; parameters whose name has ``leave_out`` get None."""
+    by_id = {id(p): weights[name] for name, p in model.named_parameters() if p.requires_grad}
+    names = {id(p): name for name, p in model.named_parameters()}
+    return lambda p: None if leave_out and leave_out in names[id(p)] else by_id[id(p)]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        MLP,
+        SmallCNN,
+        TransformerBlock,  # embedding, layer norms, captured attention, sequence linears
+        TiedLanguageModel,  # tied weights: per-example gradients summed, then weighted
+        TwiceApplied,  # one module called twice
+        lambda: nn.Sequential(ScaledLinear(), nn.Tanh(), nn.Linear(3, 4)),  # the torch.func fallback
+        lambda: Attention(True, False, False, add_bias_kv=True),  # attention replayed by torch.func
+    ],
+    ids=["mlp", "cnn", "transformer", "tied", "twice", "fallback", "attention_replayed"],
+)
+def test_preconditioned_norms_match_weighted_truth(make):
+    model = make()
+    if isinstance(model, TransformerBlock | TiedLanguageModel):
+        x, y = torch.randint(0, 11, (4, 6)), torch.randint(0, 11, (4, 6))
+    elif isinstance(model, SmallCNN):
+        x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
+    elif isinstance(model, Attention):
+        x, y = torch.randn(3, 5, 8), torch.randint(0, 3, (3, 5))
+    else:
+        x = torch.randn(5, 6 if isinstance(model, MLP) else (5 if isinstance(model, TwiceApplied) else 4))
+        y = torch.randint(0, 3, (5,))
+    weights = random_weights(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NormRuleFallbackWarning)
+        norms = measure(model, x, y, "sum", preconditioner=_preconditioner(model, weights))
+    assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y, weights))
+    # The weights matter: the plain norms are far from these.
+    plain = sq_norms_by_loop(model, cross_entropy_per_example, x, y)
+    assert not torch.allclose(norms.sq_norms().double(), plain, rtol=0.05)
+
+
+def test_preconditioner_none_means_weight_one():
+    model = MLP()
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    weights = random_weights(model)
+    norms = measure(model, x, y, "mean", preconditioner=_preconditioner(model, weights, leave_out="net.3"))
+    expected_weights = {n: torch.ones_like(w) if "net.3" in n else w for n, w in weights.items()}
+    assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y, expected_weights) / 25)
+
+
+def test_a_rule_without_weights_is_replayed_when_preconditioned(monkeypatch):
+    monkeypatch.setattr(registry, "_NORM_RULES", dict(registry._NORM_RULES))
+
+    @registry.register_norm_rule(ScaledLinear)
+    def plain_only(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+        raise AssertionError("a rule without `weights` must not be asked for weighted norms")
+
+    model = nn.Sequential(ScaledLinear(), nn.Tanh(), nn.Linear(3, 4))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    weights = random_weights(model)
+    with pytest.warns(NormRuleFallbackWarning, match=r"ScaledLinear.*takes no `weights`"):
+        norms = measure(model, x, y, "sum", preconditioner=_preconditioner(model, weights))
+    assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y, weights))

@@ -56,16 +56,31 @@ def pretrain(net: nn.Module, dataset: TensorDataset, steps: int = 150, lr: float
                 return
 
 
-def exact_truth(net: nn.Module, dataset: TensorDataset) -> dict[str, float]:
-    """|G|², tr(S²) and the finite-population expectations of the two estimators, from every g_i."""
+def per_example_flat_grads(
+    net: nn.Module, dataset: TensorDataset, sq_weights: dict[str, Tensor] | None = None
+) -> Tensor:
+    """Every example's gradient (torch.func), flattened to ``[N, D]`` in float64; times P with ``sq_weights`` = P²."""
     params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
 
     def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return nn.functional.cross_entropy(functional_call(net, p, (x[None],)), y[None])
 
-    inputs, labels = dataset.tensors
+    inputs, labels = dataset.tensors[:2]
     per_example = vmap(grad(loss), in_dims=(None, 0, 0))(params, inputs, labels)
-    flat = torch.cat([g.reshape(inputs.shape[0], -1) for g in per_example.values()], dim=1).double()
+    if sq_weights is not None:
+        per_example = {k: g.double() * sq_weights[k].double().sqrt() for k, g in per_example.items()}
+    return torch.cat([g.reshape(inputs.shape[0], -1) for g in per_example.values()], dim=1).double()
+
+
+def exact_truth(
+    net: nn.Module, dataset: TensorDataset, sq_weights: dict[str, Tensor] | None = None
+) -> dict[str, float]:
+    """|G|², tr(S²) and the finite-population expectations of the two estimators, from every g_i.
+
+    With ``sq_weights`` (P² by parameter name, a diagonal preconditioner) the same for the preconditioned
+    per-example gradients P ⊙ g_i.
+    """
+    flat = per_example_flat_grads(net, dataset, sq_weights)
     n = flat.shape[0]
     mean = flat.mean(0)
     trace_s2 = float(((flat - mean) ** 2).sum() / (n - 1))

@@ -24,6 +24,28 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def random_weights(model: nn.Module, seed: int = 0, spread: float = 1.5) -> dict[str, Tensor]:
+    """Positive elementwise weights (a stand-in for a preconditioner's P²) spread over orders of magnitude."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.exp(spread * torch.randn(p.shape, generator=gen, dtype=torch.float64)).to(p.dtype)
+        for name, p in trainable(model).items()
+    }
+
+
+def _weighted_per_example(grads: dict[str, Tensor], weights: dict[str, Tensor] | None) -> Tensor:
+    """Σ_j w_j g_ij² per example i, in float64, from per-example gradients ``{name: [N, *shape]}``."""
+    total = None
+    for name, g in grads.items():
+        squared = g.double().square()
+        if weights is not None:
+            squared = squared * weights[name].double()
+        value = squared.flatten(1).sum(1)
+        total = value if total is None else total + value
+    assert total is not None
+    return total
+
+
 def _sq_norm(grads: tuple[Tensor | None, ...]) -> Tensor:
     total = torch.zeros((), dtype=torch.float64)
     for g in grads:
@@ -41,18 +63,28 @@ def sq_norms_by_backward_per_example(losses: Tensor, params: list[Tensor]) -> Te
     return torch.stack(out)
 
 
-def sq_norms_by_loop(model: nn.Module, loss_fn: PerExampleLoss, inputs: Tensor, targets: Tensor) -> Tensor:
-    """The naive loop: each example through the model alone (batch of one)."""
-    params = list(trainable(model).values())
+def sq_norms_by_loop(
+    model: nn.Module, loss_fn: PerExampleLoss, inputs: Tensor, targets: Tensor, weights: dict[str, Tensor] | None = None
+) -> Tensor:
+    """The naive loop: each example through the model alone (batch of one); entries weighted by ``weights``."""
+    named = trainable(model)
+    params = list(named.values())
     out = []
     for i in range(inputs.shape[0]):
         loss = loss_fn(model(inputs[i : i + 1]), targets[i : i + 1]).sum()
-        out.append(_sq_norm(torch.autograd.grad(loss, params, allow_unused=True)))
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if weights is None:
+            out.append(_sq_norm(grads))
+        else:
+            present = {n: g[None] for n, g in zip(named, grads, strict=True) if g is not None}
+            out.append(_weighted_per_example(present, weights)[0])
     return torch.stack(out)
 
 
-def sq_norms_by_vmap(model: nn.Module, loss_fn: PerExampleLoss, inputs: Tensor, targets: Tensor) -> Tensor:
-    """torch.func per-example gradients: vmap over examples of grad of the example's loss."""
+def sq_norms_by_vmap(
+    model: nn.Module, loss_fn: PerExampleLoss, inputs: Tensor, targets: Tensor, weights: dict[str, Tensor] | None = None
+) -> Tensor:
+    """torch.func per-example gradients: vmap over examples of grad of the example's loss (entries weighted)."""
     params = {name: p.detach() for name, p in trainable(model).items()}
     buffers = {name: b for name, b in model.named_buffers()}
 
@@ -61,11 +93,13 @@ def sq_norms_by_vmap(model: nn.Module, loss_fn: PerExampleLoss, inputs: Tensor, 
         return loss_fn(out, y.unsqueeze(0)).sum()
 
     grads = vmap(grad(example_loss), in_dims=(None, 0, 0))(params, inputs, targets)
-    return sum(g.double().square().flatten(1).sum(1) for g in grads.values())  # type: ignore[return-value]
+    return _weighted_per_example(grads, weights)
 
 
-def layer_sq_norms_by_vmap(layer: nn.Module, inputs: Tensor, grad_output: Tensor) -> Tensor:
-    """Exact |g_i|² of one layer for the loss Σ_i <layer(x)_i, grad_output_i>."""
+def layer_sq_norms_by_vmap(
+    layer: nn.Module, inputs: Tensor, grad_output: Tensor, weights: dict[str, Tensor] | None = None
+) -> Tensor:
+    """Exact |g_i|² (or Σ_j w_j g_ij²) of one layer for the loss Σ_i <layer(x)_i, grad_output_i>."""
     params = {name: p.detach() for name, p in trainable(layer).items()}
     buffers = {name: b for name, b in layer.named_buffers()}
 
@@ -73,13 +107,22 @@ def layer_sq_norms_by_vmap(layer: nn.Module, inputs: Tensor, grad_output: Tensor
         return (functional_call(layer, {**buffers, **p}, (x.unsqueeze(0),)) * g.unsqueeze(0)).sum()
 
     grads = vmap(grad(example_dot), in_dims=(None, 0, 0))(params, inputs, grad_output)
-    return sum(g.double().square().flatten(1).sum(1) for g in grads.values())  # type: ignore[return-value]
+    return _weighted_per_example(grads, weights)
 
 
-def layer_sq_norms_by_backward(layer: nn.Module, inputs: Tensor, grad_output: Tensor) -> Tensor:
+def layer_sq_norms_by_backward(
+    layer: nn.Module, inputs: Tensor, grad_output: Tensor, weights: dict[str, Tensor] | None = None
+) -> Tensor:
     """The same truth as :func:`layer_sq_norms_by_vmap`, from one batched forward and a backward per example."""
     per_example = (layer(inputs) * grad_output).flatten(1).sum(1)
-    return sq_norms_by_backward_per_example(per_example, list(trainable(layer).values()))
+    params = trainable(layer)
+    if weights is None:
+        return sq_norms_by_backward_per_example(per_example, list(params.values()))
+    out = []
+    for i in range(per_example.shape[0]):
+        grads = torch.autograd.grad(per_example[i], list(params.values()), retain_graph=True)
+        out.append(_weighted_per_example({n: g[None] for n, g in zip(params, grads, strict=True)}, weights)[0])
+    return torch.stack(out)
 
 
 def reduce_loss(per_example: Tensor, reduction: str) -> Tensor:

@@ -29,6 +29,7 @@ from lightning_gns.sources.accumulation import AccumulationSource
 from lightning_gns.sources.base import GradientSource, StepNorms, average_over_ranks
 from lightning_gns.sources.ddp import DDPSource
 from lightning_gns.sources.per_example import PerExampleSource
+from lightning_gns.sources.preconditioning import AdamPreconditioner, is_adam_family
 
 SourceName = Literal["auto", "ddp", "accumulation", "per_example"]
 _SOURCES = ("auto", "ddp", "accumulation", "per_example")
@@ -72,6 +73,7 @@ class NoiseScaleMonitor(Callback):
     ``examples``              examples seen by the optimizer steps so far (all ranks)
     ``num_skipped``           steps left out so far because their gradients were not finite
     ``horizon_examples``      the moving average's horizon in examples
+    ``preconditioned``        1 when the values above are those of the preconditioned noise scale, else 0
     ========================  ===================================================================
 
     With a :class:`~lightning.pytorch.loggers.TensorBoardLogger` it also writes a custom-scalars layout showing
@@ -115,10 +117,17 @@ class NoiseScaleMonitor(Callback):
         batch_size_scheduler: growth: a fully configured scheduler (overrides ``growth_policy``,
             ``max_batch_size`` and ``min_examples_between_changes``); its ``initial_batch_size`` must be the
             run's.
+        preconditioned: measure the noise scale of the gradient as an Adam-family optimizer uses it, divided
+            elementwise by :math:`\sqrt{\hat v}+\epsilon` (the optimizer's second moment before the step), which
+            is the one that tracks the critical batch size under Adam (AdaptDL/Pollux). ``"auto"``: for Adam,
+            AdamW, NAdam and the like, plain B_simple for other optimizers. The optimizer has no second moment
+            before its first step, so with preconditioning that step is not measured (the logged statistics
+            never mix the two kinds). ``True`` with an optimizer that has no ``exp_avg_sq`` raises.
 
     Raises:
-        MisconfigurationException: for an unknown source or invalid option, and at ``setup`` when the run cannot
-            support the chosen source (the message says what to change).
+        MisconfigurationException: for an unknown source or invalid option, at ``setup`` when the run cannot
+            support the chosen source, and at ``on_fit_start`` for ``preconditioned=True`` without an Adam-family
+            optimizer (the message says what to change).
 
     Example::
 
@@ -147,6 +156,7 @@ class NoiseScaleMonitor(Callback):
         lr_warmup_steps: int = 0,
         min_examples_between_changes: float | None = None,
         batch_size_scheduler: BatchSizeScheduler | None = None,
+        preconditioned: bool | Literal["auto"] = "auto",
     ) -> None:
         if source not in _SOURCES:
             raise MisconfigurationException(f"Expected `source` to be one of {_SOURCES}, but got {source!r}.")
@@ -159,6 +169,10 @@ class NoiseScaleMonitor(Callback):
             raise MisconfigurationException(f"Expected `log_every_n_steps` >= 1, got {log_every_n_steps!r}.")
         if not b_crit_factor > 0:
             raise MisconfigurationException(f"Expected `b_crit_factor` > 0, got {b_crit_factor!r}.")
+        if preconditioned not in (True, False, "auto"):
+            raise MisconfigurationException(
+                f"Expected `preconditioned` to be True, False or 'auto', but got {preconditioned!r}."
+            )
         try:
             _check_confidence(confidence)
         except ValueError as err:
@@ -191,6 +205,10 @@ class NoiseScaleMonitor(Callback):
                 "`batch_size_scheduler` and `max_batch_size` act only with `grow_batch_size=True`: turn it on, or "
                 "drop them."
             )
+        self.preconditioned = preconditioned
+        # Set at fit start when the preconditioned noise scale is measured; None: plain B_simple.
+        self._preconditioner: AdamPreconditioner | None = None
+        self._restored_preconditioned: bool | None = None
         self.layer_metric: GradientNoiseScale | None = None
         self._layer_ema: NoiseScaleEMA | None = None
         self._pending_layers: list[StepNorms] = []
@@ -216,6 +234,11 @@ class NoiseScaleMonitor(Callback):
     def source(self) -> GradientSource | None:
         """The gradient source in use (resolved at ``setup``)."""
         return self._source
+
+    @property
+    def is_preconditioned(self) -> bool:
+        """Whether the measured (and logged) noise scale is the preconditioned one; resolved at fit start."""
+        return self._preconditioner is not None
 
     @property
     def estimates(self) -> Mapping[str, Tensor]:
@@ -316,6 +339,47 @@ class NoiseScaleMonitor(Callback):
         return source
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._setup_preconditioner(trainer)
+
+    def _setup_preconditioner(self, trainer: pl.Trainer) -> None:
+        """Resolve ``preconditioned`` against the optimizer (configured by now) and hand it to the source."""
+        optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
+        adam = optimizer is not None and is_adam_family(optimizer)
+        if self.preconditioned is True and not adam:
+            name = "no optimizer" if optimizer is None else type(optimizer).__name__
+            raise MisconfigurationException(
+                f"`preconditioned=True` divides the gradients by the optimizer's √v̂ + ε (its `exp_avg_sq`), which "
+                f"{name} does not have. Use an Adam-family optimizer (Adam, AdamW, NAdam), or pass "
+                "`preconditioned=False` (or 'auto', which measures the plain noise scale for such optimizers)."
+            )
+        wanted = self.preconditioned is True or (self.preconditioned == "auto" and adam)
+        self._preconditioner = AdamPreconditioner(optimizer) if wanted and optimizer is not None else None
+        if self._source is not None:
+            self._source.preconditioner = self._preconditioner
+        if self._restored_preconditioned is not None and self._restored_preconditioned != wanted:
+            rank_zero_warn(
+                "NoiseScaleMonitor: the checkpoint's statistics are of the "
+                f"{'preconditioned' if self._restored_preconditioned else 'plain'} noise scale and this run measures "
+                f"the {'preconditioned' if wanted else 'plain'} one: the smoothed statistics start afresh.",
+                category=RuntimeWarning,
+            )
+            self._ema, self._layer_ema = None, None
+            self.metric.reset()
+            if self.layer_metric is not None:
+                self.layer_metric.reset()
+        if wanted:
+            rank_zero_info(
+                f"NoiseScaleMonitor: measuring the preconditioned noise scale (gradients divided by "
+                f"{type(optimizer).__name__}'s √v̂ + ε before the norms); `{self.log_key_prefix}preconditioned` = 1. "
+                "Steps before the optimizer holds a second moment (its first) are not measured."
+            )
+        elif self.preconditioned == "auto" and optimizer is not None:
+            rank_zero_info(
+                f"NoiseScaleMonitor: {type(optimizer).__name__} is not Adam-family: measuring the plain noise scale."
+            )
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if isinstance(self._source, DDPSource):
             self._source.attach(pl_module)
@@ -407,7 +471,13 @@ class NoiseScaleMonitor(Callback):
     ) -> None:
         if self._source is None:
             return
-        self._pending.append(self._source.step_norms(grad_scale=_loss_scale(trainer)))
+        norms = self._source.step_norms(grad_scale=_loss_scale(trainer))
+        if self._preconditioner is not None and not self._preconditioner_ready():
+            # No second moment yet, so the norms were not preconditioned: leave the step out (every rank alike, the
+            # optimizer state is replicated; nothing is pending before it). Only its examples count.
+            self._examples_seen = self._examples_seen + norms.batch_big.to(self._examples_seen.device)
+            return
+        self._pending.append(norms)
         if isinstance(self._source, PerExampleSource) and self._source.last_layer_norms is not None:
             self._pending_layers.append(self._source.last_layer_norms)
         # Under DDP the rank-local halves of the estimates are averaged over ranks in one all-reduce per logging
@@ -417,6 +487,25 @@ class NoiseScaleMonitor(Callback):
             self._flush(trainer.world_size)
         if self._should_log(trainer):
             self._log(trainer, pl_module)
+
+    def _preconditioner_ready(self) -> bool:
+        """Whether the optimizer holds a second moment (the norms of this step were preconditioned)."""
+        assert self._preconditioner is not None
+        if self._preconditioner.ready:
+            return True
+        if self._preconditioner.stepped:
+            # It has stepped and holds no `exp_avg_sq`: an optimizer that only looked like Adam.
+            name = type(self._preconditioner.optimizer).__name__
+            if self.preconditioned is True:
+                raise MisconfigurationException(
+                    f"`preconditioned=True`, but the state of {name} holds no `exp_avg_sq` after its first step. "
+                    "Use an Adam-family optimizer, or pass `preconditioned=False`."
+                )
+            rank_zero_info(f"NoiseScaleMonitor: {name} keeps no `exp_avg_sq`: measuring the plain noise scale.")
+            self._preconditioner = None
+            if self._source is not None:
+                self._source.preconditioner = None
+        return False
 
     def _flush(self, world_size: int) -> None:
         """Fold the pending steps, averaged over ranks, into the moving average and the metric."""
@@ -495,6 +584,7 @@ class NoiseScaleMonitor(Callback):
         metrics = {f"{self.log_key_prefix}{k}": v for k, v in zip((*keys, "num_skipped"), values, strict=True)}
         if self.horizon_examples is not None:
             metrics[f"{self.log_key_prefix}horizon_examples"] = float(self.horizon_examples)
+        metrics[f"{self.log_key_prefix}preconditioned"] = float(self.is_preconditioned)
         if self._layer_ema is not None and isinstance(self._source, PerExampleSource):
             layer_b_simple = ema_compute(self._layer_ema, self.confidence)["b_simple"].tolist()
             for name, value in zip(self._source.layer_names, layer_b_simple, strict=True):
@@ -524,6 +614,7 @@ class NoiseScaleMonitor(Callback):
             "metric": {name: getattr(self.metric, name).detach().cpu() for name in self.metric._defaults},
             "num_skipped": self._num_skipped.detach().cpu(),
             "examples_seen": self._examples_seen.detach().cpu(),
+            "preconditioned": self.is_preconditioned if self._ema is not None else None,
             "layer_ema": None
             if self._layer_ema is None
             else {k: v.detach().cpu() for k, v in self._layer_ema._asdict().items()},
@@ -542,6 +633,7 @@ class NoiseScaleMonitor(Callback):
             setattr(self.metric, name, value.clone())
         self._num_skipped = state_dict["num_skipped"].clone()
         self._examples_seen = state_dict["examples_seen"].clone()
+        self._restored_preconditioned = state_dict.get("preconditioned")
         layer_ema = state_dict.get("layer_ema")
         self._layer_ema = None if layer_ema is None else NoiseScaleEMA(**layer_ema)
         if state_dict.get("growth") is not None and self.growth is not None:

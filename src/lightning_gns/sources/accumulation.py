@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gns.sources.base import GradientSource, StepNorms, _trainable, global_grad_sq_norm
+from lightning_gns.sources.preconditioning import Preconditioner, weighted_sq_norm
 
 __all__ = ["AccumulationSource"]
 
@@ -20,16 +23,19 @@ class AccumulationSource(GradientSource):
     is the all-reduced one, and the micro-batch norms are averaged over ranks: B_big is then the global batch.
 
     Frameworks divide the loss by the number of accumulation steps (Lightning does): ``loss_divisor`` undoes it.
+    With a ``preconditioner`` each parameter's squared entries are weighted by its :math:`P^2` (a temporary of
+    the parameter's size while the hook runs).
 
     Args:
         loss_divisor: what each micro-batch's loss was divided by (Lightning: ``accumulate_grad_batches``).
         world_size: number of data-parallel ranks.
+        preconditioner: the elementwise :math:`P^2` of each parameter, or ``None`` for plain norms.
     """
 
     name = "accumulation"
 
-    def __init__(self, loss_divisor: int, world_size: int = 1) -> None:
-        super().__init__(world_size)
+    def __init__(self, loss_divisor: int, world_size: int = 1, preconditioner: Preconditioner | None = None) -> None:
+        super().__init__(world_size, preconditioner)
         if loss_divisor < 1:
             raise ValueError(f"Expected `loss_divisor` >= 1 (accumulate_grad_batches), got {loss_divisor}.")
         self.loss_divisor = loss_divisor
@@ -44,7 +50,7 @@ class AccumulationSource(GradientSource):
         """Hook every trainable parameter of ``model``."""
         super().attach(model)
         self._params = _trainable(model)
-        self._handles = [p.register_hook(self._on_grad) for p in self._params]
+        self._handles = [p.register_hook(partial(self._on_grad, p)) for p in self._params]
 
     def detach(self) -> None:
         """Remove the hooks."""
@@ -53,15 +59,16 @@ class AccumulationSource(GradientSource):
         self._handles = []
         super().detach()
 
-    def _on_grad(self, grad: Tensor) -> None:
-        # Only the norm is kept: the gradient itself flows on into `.grad` untouched.
-        self._micro_parts.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
+    def _on_grad(self, param: nn.Parameter, grad: Tensor) -> None:
+        # Only the squared norm is kept: the gradient itself flows on into `.grad` untouched.
+        sq_weight = None if self.preconditioner is None else self.preconditioner(param)
+        self._micro_parts.append(weighted_sq_norm(grad, sq_weight).float())
 
     def micro_batch_done(self, num_examples: int) -> None:
         """Fold the finished micro-batch's squared norm into the step's sum."""
         if not self._micro_parts:
             return
-        sq_norm = torch.stack(self._micro_parts).pow(2).sum()
+        sq_norm = torch.stack(self._micro_parts).sum()
         self._micro_parts = []
         self._micro_total = sq_norm if self._micro_total is None else self._micro_total + sq_norm
         self._num_micro += 1
@@ -75,7 +82,10 @@ class AccumulationSource(GradientSource):
         micro_mean = self._micro_total * self.loss_divisor**2 / self._num_micro
         if grad_scale is not None:
             micro_mean = micro_mean / grad_scale.float() ** 2
-        big = global_grad_sq_norm(self._params).to(micro_mean.device) * (self.loss_divisor / self._num_micro) ** 2
+        big = (
+            global_grad_sq_norm(self._params, self.preconditioner).to(micro_mean.device)
+            * (self.loss_divisor / self._num_micro) ** 2
+        )
         examples, num_micro = float(self._examples), self._num_micro
         self._micro_total, self._num_micro, self._examples = None, 0, 0
         return StepNorms(

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_gns.sources.preconditioning import Preconditioner, weighted_grad_sq_norms
+
 __all__ = ["GradientSource", "StepNorms", "average_over_ranks", "global_grad_sq_norm"]
 
 
@@ -29,13 +31,15 @@ class StepNorms(NamedTuple):
     batch_big: Tensor
 
 
-def global_grad_sq_norm(params: Iterable[nn.Parameter]) -> Tensor:
-    """Squared norm of the ``.grad`` of ``params`` (float32 accumulation, one fused kernel per dtype group)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+def global_grad_sq_norm(params: Iterable[nn.Parameter], preconditioner: Preconditioner | None = None) -> Tensor:
+    """Squared norm of the ``.grad`` of ``params`` (float32 accumulation), each weighted by its preconditioner.
+
+    Without a preconditioner: one fused kernel per dtype group.
+    """
+    norms = weighted_grad_sq_norms(params, preconditioner)
+    if not norms:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads)
-    return torch.stack([n.float() for n in norms]).pow(2).sum()
+    return torch.stack(norms).sum()
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -43,20 +47,26 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 class GradientSource(abc.ABC):
-    """Where the small- and the big-batch gradient of a step come from.
+    r"""Where the small- and the big-batch gradient of a step come from.
 
     A source is attached to the model before training, told when each micro-batch's backward is done, and asked
     once per optimizer step for a :class:`StepNorms`, after all backward passes of the step (and the gradient
     all-reduce) and before gradient clipping. Sources know nothing of Lightning: the callback wires them.
 
+    With a :attr:`preconditioner` every squared norm (small and big) is that of the preconditioned gradient,
+    :math:`\sum_j P_j^2 g_j^2`; it can be set or changed between optimizer steps.
+
     Args:
         world_size: number of data-parallel ranks.
+        preconditioner: the elementwise :math:`P^2` of each parameter
+            (:class:`~lightning_gns.sources.preconditioning.AdamPreconditioner`), or ``None`` for plain norms.
     """
 
     name: str = "source"
 
-    def __init__(self, world_size: int = 1) -> None:
+    def __init__(self, world_size: int = 1, preconditioner: Preconditioner | None = None) -> None:
         self.world_size = world_size
+        self.preconditioner = preconditioner
         self._model: nn.Module | None = None
 
     def attach(self, model: nn.Module) -> None:

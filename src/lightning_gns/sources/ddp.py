@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from lightning_gns.sources.base import GradientSource, StepNorms, _trainable, global_grad_sq_norm
+from lightning_gns.sources.preconditioning import Preconditioner, weighted_sq_norm
 
 __all__ = ["DDPSource"]
 
@@ -28,18 +29,29 @@ class DDPSource(GradientSource):
     the rank's whole share of the step; the loss divisor cancels out except on a short last window, which
     ``loss_divisor`` corrects.
 
+    With a ``preconditioner`` the bucket's norm is taken per parameter (``bucket.parameters()`` and their views
+    in ``bucket.gradients()``), each weighted by its :math:`P^2`; the optimizer state it comes from is the same
+    on every rank.
+
     Args:
         world_size: number of data-parallel ranks (at least 2).
         loss_divisor: what each micro-batch's loss was divided by (Lightning: ``accumulate_grad_batches``).
         inner_hook: the communication hook to compose with (the user's), or ``None`` for DDP's all-reduce.
+        preconditioner: the elementwise :math:`P^2` of each parameter, or ``None`` for plain norms.
     """
 
     name = "ddp"
 
-    def __init__(self, world_size: int, loss_divisor: int = 1, inner_hook: CommHook | None = None) -> None:
+    def __init__(
+        self,
+        world_size: int,
+        loss_divisor: int = 1,
+        inner_hook: CommHook | None = None,
+        preconditioner: Preconditioner | None = None,
+    ) -> None:
         if world_size < 2:
             raise ValueError(f"The ddp source needs at least 2 ranks, got world_size={world_size}.")
-        super().__init__(world_size)
+        super().__init__(world_size, preconditioner)
         self.loss_divisor = loss_divisor
         self.inner_hook = inner_hook
         self._params: list[nn.Parameter] = []
@@ -53,8 +65,15 @@ class DDPSource(GradientSource):
         self._params = _trainable(model)
 
     def comm_hook(self, state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        """DDP communication hook: note the bucket's local norm, then all-reduce as the inner hook does."""
-        self._bucket_norms.append(torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32))
+        """DDP communication hook: note the bucket's local squared norm, then all-reduce as the inner hook does."""
+        if self.preconditioner is None:
+            self._bucket_norms.append(torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32).square())
+        else:
+            parts = [
+                weighted_sq_norm(grad, self.preconditioner(param)).float()
+                for param, grad in zip(bucket.parameters(), bucket.gradients(), strict=True)
+            ]
+            self._bucket_norms.append(torch.stack(parts).sum())
         if self.inner_hook is not None:
             return self.inner_hook(state, bucket)
         return allreduce_hook(state, bucket)  # type: ignore[arg-type]  # None is the default process group
@@ -72,10 +91,10 @@ class DDPSource(GradientSource):
                 "DistributedDataParallel and the hook registered?"
             )
         correction = (self.loss_divisor / self._num_micro) ** 2
-        local = torch.stack(self._bucket_norms).pow(2).sum() * correction
+        local = torch.stack(self._bucket_norms).sum() * correction
         if grad_scale is not None:
             local = local / grad_scale.float() ** 2
-        big = global_grad_sq_norm(self._params).to(local.device) * correction
+        big = global_grad_sq_norm(self._params, self.preconditioner).to(local.device) * correction
         examples = float(self._examples)
         self._bucket_norms, self._num_micro, self._examples = [], 0, 0
         return StepNorms(local, big, torch.full_like(big, examples), torch.full_like(big, examples * self.world_size))

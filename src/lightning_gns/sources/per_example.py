@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from lightning_gns.sources.base import GradientSource, StepNorms, _trainable, global_grad_sq_norm
 from lightning_gns.sources.per_example_norms import PerExampleGradNorms
+from lightning_gns.sources.preconditioning import Preconditioner, weighted_grad_sq_norms
 
 __all__ = ["PerExampleSource"]
 
@@ -20,7 +21,9 @@ class PerExampleSource(GradientSource):
     the micro-batch's examples (the default of every torch loss), divided by ``loss_divisor`` for accumulation:
     the hooks see :math:`g_i/(N \cdot \text{loss\_divisor})`, which is undone here. With ``include`` only those
     module types are measured, and the big-batch norm is restricted to their parameters so that both norms
-    describe the same gradient.
+    describe the same gradient. With a ``preconditioner`` both are norms of the preconditioned gradient (the
+    layer rules weight the per-example gradients entrywise without building them where a cheap exact form
+    exists; see :mod:`~lightning_gns.sources.rules`).
 
     Args:
         loss_divisor: what each micro-batch's loss was divided by (Lightning: ``accumulate_grad_batches``).
@@ -29,6 +32,7 @@ class PerExampleSource(GradientSource):
         strict: raise instead of warning when a module needs the slow fallback or escapes the hooks.
         per_layer: also keep each measured layer's norms apart (see :attr:`layer_names`,
             :attr:`last_layer_norms`).
+        preconditioner: the elementwise :math:`P^2` of each parameter, or ``None`` for plain norms.
     """
 
     name = "per_example"
@@ -40,8 +44,10 @@ class PerExampleSource(GradientSource):
         include: Sequence[type[nn.Module]] | None = None,
         strict: bool = False,
         per_layer: bool = False,
+        preconditioner: Preconditioner | None = None,
     ) -> None:
-        super().__init__(world_size)
+        self._engine: PerExampleGradNorms | None = None
+        super().__init__(world_size, preconditioner)
         self.per_layer = per_layer
         self.layer_names: list[str] = []
         self.last_layer_norms: StepNorms | None = None
@@ -51,16 +57,28 @@ class PerExampleSource(GradientSource):
         self.loss_divisor = loss_divisor
         self.include = include
         self.strict = strict
-        self._engine: PerExampleGradNorms | None = None
         self._params: list[nn.Parameter] = []
         self._sum_sq: Tensor | None = None
         self._examples = 0
         self._num_micro = 0
 
+    @property
+    def preconditioner(self) -> Preconditioner | None:
+        """The elementwise :math:`P^2` of each parameter (``None``: plain norms); the hooks use it too."""
+        return self._preconditioner
+
+    @preconditioner.setter
+    def preconditioner(self, value: Preconditioner | None) -> None:
+        self._preconditioner = value
+        if self._engine is not None:
+            self._engine.preconditioner = value
+
     def attach(self, model: nn.Module) -> None:
         """Hook the measured modules of ``model``."""
         super().attach(model)
-        self._engine = PerExampleGradNorms(model, include=self.include, strict=self.strict).attach()
+        self._engine = PerExampleGradNorms(
+            model, include=self.include, strict=self.strict, preconditioner=self.preconditioner
+        ).attach()
         # The big-batch norm covers exactly what the hooks measure, so both norms describe the same gradient.
         self._params = _trainable(model) if self.include is None else list(self._engine.measured_parameters)
         if self.per_layer:
@@ -99,7 +117,10 @@ class PerExampleSource(GradientSource):
         mean_sq = self._sum_sq / self._examples
         if grad_scale is not None:
             mean_sq = mean_sq / grad_scale.float() ** 2
-        big = global_grad_sq_norm(self._params).to(mean_sq.device) * (self.loss_divisor / self._num_micro) ** 2
+        big = (
+            global_grad_sq_norm(self._params, self.preconditioner).to(mean_sq.device)
+            * (self.loss_divisor / self._num_micro) ** 2
+        )
         examples = float(self._examples)
         if self.per_layer and self._layer_sum_sq is not None:
             self.last_layer_norms = self._layer_step_norms(grad_scale, examples)
@@ -113,10 +134,11 @@ class PerExampleSource(GradientSource):
         if grad_scale is not None:
             small = small / grad_scale.float() ** 2
         # One fused norm per parameter, then summed per layer (parameters without a gradient add nothing).
-        with_grad = [(i, p.grad) for i, p in enumerate(self._layer_params) if p.grad is not None]
+        with_grad = [i for i, p in enumerate(self._layer_params) if p.grad is not None]
         big = torch.zeros_like(small)
         if with_grad:
-            index = self._layer_index.to(small.device)[[i for i, _ in with_grad]]
-            norms = torch.stack([n.float() for n in torch._foreach_norm([g for _, g in with_grad])]).to(small.device)
-            big = big.index_add(0, index, norms.pow(2)) * (self.loss_divisor / self._num_micro) ** 2
+            index = self._layer_index.to(small.device)[with_grad]
+            sq_norms = weighted_grad_sq_norms([self._layer_params[i] for i in with_grad], self.preconditioner)
+            big = big.index_add(0, index, torch.stack(sq_norms).to(small.device))
+            big = big * (self.loss_divisor / self._num_micro) ** 2
         return StepNorms(small, big, torch.ones_like(small), torch.full_like(small, examples * self.world_size))

@@ -25,14 +25,19 @@ their squared norm is not the sum of the calls' squared norms. The engine notice
 and materialises those units' per-example gradients with the fallback, sums them over
 calls and squares once. Every parameter that receives a gradient must belong to a unit
 that measured it; one that does not is named in a warning (an error with ``strict=True``).
+
+With a preconditioner (:mod:`~lightning_gns.sources.preconditioning`) every per-example
+squared norm is weighted entrywise by each parameter's :math:`P^2`: built-in rules take the
+weights (keyword ``weights``), and units whose rule does not are measured by the fallback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
@@ -44,6 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gns.sources.preconditioning import Preconditioner
 from lightning_gns.sources.rules.attention import (
     CapturedAttention,
     MultiheadAttentionCapture,
@@ -97,6 +103,12 @@ class _Unit:
     rule: NormRule | None
     call_rule: CallRule | None = None
     group: _Group | None = None
+    # Whether the rule (or call rule) takes the keyword `weights` (preconditioned norms).
+    weighted: bool = True
+
+    def __post_init__(self) -> None:
+        rule = self.rule if self.rule is not None else self.call_rule
+        self.weighted = rule is None or _accepts_weights(rule)
 
 
 @dataclass(eq=False)
@@ -164,6 +176,9 @@ class PerExampleGradNorms:
         strict: raise instead of warning when a module needs the :mod:`torch.func`
             fallback (at :meth:`attach`) or a parameter's gradient escapes the hooks
             (after a backward pass).
+        preconditioner: gives each parameter's elementwise weight :math:`P^2` of the
+            squared gradient entries (or ``None`` for weight 1); ``None``: plain norms. An
+            attribute, so it can be set between backward passes.
 
     Raises:
         TypeError: if ``include`` holds something that is not an ``nn.Module`` subclass.
@@ -211,6 +226,7 @@ class PerExampleGradNorms:
         model: nn.Module,
         include: Sequence[type[nn.Module]] | None = None,
         strict: bool = False,
+        preconditioner: Preconditioner | None = None,
     ) -> None:
         if include is not None:
             bad = [cls for cls in include if not (isinstance(cls, type) and issubclass(cls, nn.Module))]
@@ -219,6 +235,8 @@ class PerExampleGradNorms:
         self.model = model
         self.include: tuple[type[nn.Module], ...] | None = tuple(include) if include is not None else None
         self.strict = strict
+        self.preconditioner = preconditioner
+        self._warned_unweighted: set[type[nn.Module]] = set()
         self._units: list[_Unit] = []
         self._groups: list[_Group] = []
         self._param_names: dict[int, str] = {}
@@ -454,7 +472,8 @@ class PerExampleGradNorms:
         call = _Call(
             unit,
             tree_map(detach, args),
-            tree_map(detach, kwargs) if unit.rule is None else None,
+            # A rule that cannot weight its norms may have to replay the call (preconditioned norms).
+            tree_map(detach, kwargs) if unit.rule is None or not unit.weighted else None,
             len(outputs),
             autocast,
             self._generation,
@@ -594,24 +613,47 @@ class PerExampleGradNorms:
             self._warned_double_backward = True
             warnings.warn(message, UnmeasuredParameterWarning, stacklevel=2)
 
+    def _unit_weights(self, unit: _Unit) -> dict[str, Tensor] | None:
+        """The preconditioner's weight of each of the unit's parameters, by name; ``None`` for plain norms."""
+        if self.preconditioner is None:
+            return None
+        weights = {}
+        for name, param in unit.params.items():
+            weight = self.preconditioner(param)
+            if weight is not None:
+                weights[name] = weight
+        if weights and not unit.weighted and type(unit.module) not in self._warned_unweighted:
+            self._warned_unweighted.add(type(unit.module))
+            warnings.warn(
+                f"The norm rule for {type(unit.module).__name__} (first at `{unit.name}`) takes no `weights`, so "
+                "its preconditioned norms are measured by the slower torch.func fallback. Give the rule a keyword "
+                "argument `weights` (the elementwise weight of each parameter's squared gradient entries, by name).",
+                NormRuleFallbackWarning,
+                stacklevel=2,
+            )
+        return weights or None
+
     def _single_call_sq_norm(self, call: _Call, grads: tuple[Tensor | None, ...]) -> Tensor:
         unit = call.unit
-        if unit.rule is not None:
+        weights = self._unit_weights(unit)
+        rule_kwargs = {} if weights is None else {"weights": weights}
+        usable = weights is None or unit.weighted
+        if unit.rule is not None and usable:
             grad_output = grads[0]
             assert grad_output is not None  # the hook fired with it
             assert call.args is not None  # released only after use
             with torch.no_grad(), _autocast_off(grad_output.device.type):
-                return unit.rule(unit.module, call.args, grad_output)
+                return unit.rule(unit.module, call.args, grad_output, **rule_kwargs)
         if call.captured is not None:
             with torch.no_grad(), _autocast_off(_device_type(grads)):
-                return call.captured.sq_norm(unit.module, grads[0], grads[call.num_outputs :])
-        if unit.call_rule is not None:
+                return call.captured.sq_norm(unit.module, grads[0], grads[call.num_outputs :], weights)
+        if unit.call_rule is not None and usable:
             assert call.args is not None  # released only after use
             with torch.no_grad(), _autocast_off(_device_type(grads)):
-                result = unit.call_rule(unit.module, call.args, call.kwargs or {}, grads)
+                result = unit.call_rule(unit.module, call.args, call.kwargs or {}, grads, **rule_kwargs)
             if result is not None:
                 return result
-        return sq_norm_of_grads(self._replay(call, grads))
+        return sq_norm_of_grads(self._replay(call, grads), weights)
 
     def _combined_sq_norm(self, group: _Group, calls: list[tuple[_Call, tuple[Tensor | None, ...]]]) -> Tensor:
         if len(calls) == 1:
@@ -629,7 +671,11 @@ class PerExampleGradNorms:
                         "the same N examples along dim 0."
                     )
                 summed[key] = summed[key] + value if key in summed else value
-        return sq_norm_of_grads({str(key): value for key, value in summed.items()})
+        weights = None
+        if self.preconditioner is not None:
+            by_id = {id(p): self.preconditioner(p) for p in group.params}
+            weights = {str(key): w for key, w in by_id.items() if key in summed and w is not None}
+        return sq_norm_of_grads({str(key): value for key, value in summed.items()}, weights)
 
     def _replay(self, call: _Call, grads: tuple[Tensor | None, ...]) -> dict[str, Tensor]:
         unit = call.unit
@@ -705,6 +751,15 @@ class PerExampleGradNorms:
                 "(`attach()` or `with PerExampleGradNorms(model):`) before reading them."
             )
         return self._records[index]
+
+
+def _accepts_weights(rule: Callable[..., Any]) -> bool:
+    """Whether a rule takes the keyword argument ``weights`` (preconditioned norms)."""
+    try:
+        parameters = inspect.signature(rule).parameters
+    except (TypeError, ValueError):
+        return False
+    return "weights" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def _device_type(grads: tuple[Tensor | None, ...]) -> str:

@@ -26,13 +26,16 @@ Two ways to get ``ctx`` and the projections' gradients:
   attention weights.
 
 Both honour masks (``attn_mask``, ``key_padding_mask``, ``is_causal``), ``batch_first`` either
-way, ``kdim``/``vdim``, biases on or off, and frozen parts.
+way, ``kdim``/``vdim``, biases on or off, frozen parts, and elementwise weights on the squared
+gradient entries (a preconditioner's :math:`P^2`, by parameter name: ``in_proj_weight`` or
+``q/k/v_proj_weight``, ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``), with which the
+sequence kernels materialise the per-example projection gradients.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,14 +44,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_gns.sources.rules.linear import accumulation_dtype, sum_outer_sq_norm
+from lightning_gns.sources.rules.linear import accumulation_dtype, param_weight, sum_outer_sq_norm, weighted_sum_sq
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 _FUNCTIONAL_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
 
 def multihead_attention_sq_norm(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], grad_outputs: Sequence[Tensor | None]
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    grad_outputs: Sequence[Tensor | None],
+    *,
+    weights: Mapping[str, Tensor] | None = None,
 ) -> Tensor | None:
     """Per-example squared gradient norm of a :class:`torch.nn.MultiheadAttention` call, by recomputation.
 
@@ -57,6 +65,7 @@ def multihead_attention_sq_norm(
         args: the positional arguments of the call.
         kwargs: the keyword arguments of the call.
         grad_outputs: the gradients of ``(attn_output, attn_weights)``; ``None`` where none flowed.
+        weights: elementwise weights of the squared gradient entries by parameter name, or ``None``.
 
     Returns:
         ``[N]`` squared norms over the layer's trainable parameters, or ``None`` when the call
@@ -103,20 +112,19 @@ def multihead_attention_sq_norm(
     inputs = (query, key, value)
     batch, tgt_len, embed_dim = query.shape
     mask, is_causal = _attention_mask(call, batch, module.num_heads, tgt_len, key.shape[1], dtype)
-    weights = _ProjectionWeights(module)
+    projection = _ProjectionWeights(module)
     out_weight = module.out_proj.weight
     with torch.no_grad():
-        projections = [weights.project(inputs[group[0]], group, dtype) for group in roles]
+        projections = [projection.project(inputs[group[0]], group, dtype) for group in roles]
     with torch.enable_grad():
         projections = [p.requires_grad_() for p in projections]
         q, k, v = (_split_heads(p, module.num_heads, seq_first=False) for p in _per_role(projections, roles, embed_dim))
         context = _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal), False)
         grads: Sequence[Tensor | None] = [None] * len(projections)
-        if weights.any_trainable:
+        if projection.any_trainable:
             grads = torch.autograd.grad(context, projections, grad_output @ out_weight.to(dtype))
-    return weights.sq_norm(roles, [inputs[group[0]] for group in roles], grads, embed_dim) + _out_proj_sq_norm(
-        module, context.detach(), grad_output
-    )
+    in_proj = projection.sq_norm(roles, [inputs[group[0]] for group in roles], grads, embed_dim, weights)
+    return in_proj + _out_proj_sq_norm(module, context.detach(), grad_output, weights)
 
 
 @dataclass
@@ -136,7 +144,11 @@ class CapturedAttention:
     context: Tensor
 
     def sq_norm(
-        self, module: nn.Module, grad_output: Tensor | None, projection_grads: Sequence[Tensor | None]
+        self,
+        module: nn.Module,
+        grad_output: Tensor | None,
+        projection_grads: Sequence[Tensor | None],
+        weights: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """Per-example squared norms from the gradients of the module's output and of the projections.
 
@@ -145,6 +157,7 @@ class CapturedAttention:
             grad_output: the gradient of the module's ``attn_output``, in the module's layout (``None``
                 when only the attention weights were used).
             projection_grads: the gradient of each of :attr:`projections` (``None`` where none flowed).
+            weights: elementwise weights of the squared gradient entries by parameter name, or ``None``.
 
         Returns:
             ``[N]`` squared norms over the layer's trainable parameters.
@@ -157,10 +170,11 @@ class CapturedAttention:
         dtype = accumulation_dtype(self.context)
         grads = [None if g is None else g.transpose(0, 1).to(dtype) for g in projection_grads]
         inputs = [x.transpose(0, 1).to(dtype) for x in self.inputs]
-        result = _ProjectionWeights(module).sq_norm(self.roles, inputs, grads, module.embed_dim)
+        result = _ProjectionWeights(module).sq_norm(self.roles, inputs, grads, module.embed_dim, weights)
         if grad_output is not None:
             grad_output = (grad_output if module.batch_first else grad_output.transpose(0, 1)).to(dtype)
-            result = result + _out_proj_sq_norm(module, self.context.transpose(0, 1).to(dtype), grad_output)
+            context = self.context.transpose(0, 1).to(dtype)
+            result = result + _out_proj_sq_norm(module, context, grad_output, weights)
         return result
 
 
@@ -312,10 +326,18 @@ class _ProjectionWeights:
         return F.linear(inputs, weight, bias)
 
     def sq_norm(
-        self, roles: list[list[int]], inputs: Sequence[Tensor], grads: Sequence[Tensor | None], embed_dim: int
+        self,
+        roles: list[list[int]],
+        inputs: Sequence[Tensor],
+        grads: Sequence[Tensor | None],
+        embed_dim: int,
+        weights: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """Squared norms of the projection weights and bias; inputs and grads batch-first."""
         result = inputs[0].new_zeros(inputs[0].shape[0])
+        dtype = result.dtype
+        weight_blocks, weight_packed = self._weight_blocks(weights, dtype)
+        bias_weight = param_weight(weights, "in_proj_bias", dtype)
         for group, x, g in zip(roles, inputs, grads, strict=True):
             if g is None:
                 continue
@@ -323,20 +345,46 @@ class _ProjectionWeights:
             # stacking them adds the blocks' squared norms. Frozen blocks among them must not count.
             frozen = [slot for slot, r in enumerate(group) if not self.roles[r].requires_grad]
             if len(frozen) < len(group):
-                result = result + sum_outer_sq_norm(_zero_slots(g, frozen, embed_dim) if frozen else g, x)
+                weight = (
+                    None if weight_blocks is None else _stack([weight_blocks[r] for r in group], weight_packed, group)
+                )
+                result = result + sum_outer_sq_norm(_zero_slots(g, frozen, embed_dim) if frozen else g, x, weight)
             if self.bias_trainable:
-                result = result + g.sum(1).square().sum(1)
+                group_bias_weight = None
+                if bias_weight is not None:
+                    group_bias_weight = _stack([bias_weight.chunk(3)[r] for r in group], bias_weight, group)
+                result = result + weighted_sum_sq(g.sum(1), group_bias_weight)
         return result
 
+    def _weight_blocks(
+        self, weights: Mapping[str, Tensor] | None, dtype: torch.dtype
+    ) -> tuple[tuple[Tensor, ...] | None, Tensor | None]:
+        """The q/k/v blocks of the projection weight's weights, and the packed tensor they are views of."""
+        packed = param_weight(weights, "in_proj_weight", dtype)
+        if packed is not None:
+            return packed.chunk(3), packed
+        separate = [param_weight(weights, f"{role}_proj_weight", dtype) for role in "qkv"]
+        if all(w is None for w in separate):
+            return None, None
+        # A block without a weight has weight 1 (a frozen block's rows are zeroed anyway).
+        blocks = tuple(
+            torch.ones_like(block, dtype=dtype) if w is None else w
+            for w, block in zip(separate, self.roles, strict=True)
+        )
+        return blocks, None
 
-def _out_proj_sq_norm(module: nn.MultiheadAttention, context: Tensor, grad_output: Tensor) -> Tensor:
+
+def _out_proj_sq_norm(
+    module: nn.MultiheadAttention, context: Tensor, grad_output: Tensor, weights: Mapping[str, Tensor] | None = None
+) -> Tensor:
     """Squared norms of ``out_proj``'s weight and bias; context and grad batch-first."""
     result = grad_output.new_zeros(grad_output.shape[0])
+    dtype = result.dtype
     if module.out_proj.weight.requires_grad:
-        result = result + sum_outer_sq_norm(grad_output, context)
+        result = result + sum_outer_sq_norm(grad_output, context, param_weight(weights, "out_proj.weight", dtype))
     bias = module.out_proj.bias
     if bias is not None and bias.requires_grad:
-        result = result + grad_output.sum(1).square().sum(1)
+        result = result + weighted_sum_sq(grad_output.sum(1), param_weight(weights, "out_proj.bias", dtype))
     return result
 
 

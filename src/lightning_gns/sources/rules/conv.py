@@ -6,17 +6,22 @@ linear kernel :func:`~lightning_gns.sources.rules.linear.sum_outer_sq_norm` appl
 unfolded patches. The unfolding below is written once for any number of spatial dims
 (strided views, one copy at the end) and honours stride, padding (including ``"same"``
 and non-zero padding modes), dilation and groups.
+
+With elementwise weights on the squared gradient entries (a preconditioner's :math:`P^2`),
+the per-example gradient is a sum over positions with no rank-one shortcut: the kernel
+materialises it per group, a few examples at a time, and weights it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_gns.sources.rules.linear import accumulation_dtype, sum_outer_sq_norm
+from lightning_gns.sources.rules.linear import accumulation_dtype, param_weight, sum_outer_sq_norm, weighted_sum_sq
 
 _CHUNK_ELEMENTS = 1 << 19  # patches of about 2 MiB of float32 per chunk
 
@@ -58,13 +63,17 @@ def unfold_patches(conv: nn.modules.conv._ConvNd, inputs: Tensor) -> Tensor:
     return patches.permute(order).reshape(batch, channels * math.prod(conv.kernel_size), -1)
 
 
-def conv_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+def conv_sq_norm(
+    module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor, *, weights: Mapping[str, Tensor] | None = None
+) -> Tensor:
     """Per-example squared gradient norm of an N-d convolution (weight and bias).
 
     Args:
         module: a ``Conv1d``, ``Conv2d`` or ``Conv3d``.
         inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, C_in, *spatial]``.
         grad_output: the gradient flowing into its output, ``[N, C_out, *spatial_out]``.
+        weights: elementwise weights of the squared gradient entries by parameter name (``"weight"``,
+            ``"bias"``), or ``None``.
 
     Returns:
         ``[N]`` squared norms over the layer's trainable parameters.
@@ -93,6 +102,10 @@ def conv_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Ten
     grad = grad_output.reshape(batch, out_channels, -1).to(dtype)
     result = grad.new_zeros(batch)
     if module.weight.requires_grad:
+        weight = param_weight(weights, "weight", dtype)
+        if weight is not None:
+            # [C_out, C_in/g, *k] -> one [C_out/g, C_in/g·k] block per group, as the rows of the kernel come.
+            weight = weight.reshape(groups, out_channels // groups, -1)
         positions = grad.shape[2]
         patch_size = activation.shape[1] * math.prod(module.kernel_size)
         # The patches are kernel-size times bigger than the input: a few examples at a time stay in cache.
@@ -104,8 +117,8 @@ def conv_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Ten
             # Groups are independent blocks of the weight: fold them into the batch of the kernel.
             grad_groups = grad[start : start + chunk].reshape(rows, out_channels // groups, positions).transpose(1, 2)
             patches_groups = patches.reshape(rows, -1, positions).transpose(1, 2)
-            weight_sq.append(sum_outer_sq_norm(grad_groups, patches_groups).view(-1, groups).sum(1))
+            weight_sq.append(sum_outer_sq_norm(grad_groups, patches_groups, weight).view(-1, groups).sum(1))
         result = result + (weight_sq[0] if len(weight_sq) == 1 else torch.cat(weight_sq))
     if module.bias is not None and module.bias.requires_grad:
-        result = result + grad.sum(2).square().sum(1)
+        result = result + weighted_sum_sq(grad.sum(2), param_weight(weights, "bias", dtype))
     return result

@@ -10,18 +10,24 @@ add up before squaring:
 
 Distinct ids are found per example by sorting (no ``torch.unique``, whose data-dependent
 output size would force a host sync), and the rows are summed with one ``scatter_add``
-into a buffer of the output gradient's size.
+into a buffer of the output gradient's size. With elementwise weights :math:`W` on the
+squared entries (a preconditioner's :math:`P^2`), each summed row is weighted by the row of
+:math:`W` of its id: :math:`\sum_v W_v \cdot (\sum_{t: id_t = v} g_t)^{\odot 2}`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
-from lightning_gns.sources.rules.linear import accumulation_dtype
+from lightning_gns.sources.rules.linear import accumulation_dtype, param_weight
 
 
-def embedding_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+def embedding_sq_norm(
+    module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor, *, weights: Mapping[str, Tensor] | None = None
+) -> Tensor:
     """Per-example squared gradient norm of a :class:`torch.nn.Embedding`.
 
     Handles repeated ids within an example, ``padding_idx`` (its row gets no gradient) and
@@ -32,6 +38,8 @@ def embedding_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output
         module: the embedding.
         inputs: the positional inputs of its forward; ``inputs[0]`` holds ids of shape ``[N, *]``.
         grad_output: the gradient flowing into its output, ``[N, *, D]``.
+        weights: elementwise weights of the squared gradient entries by parameter name (``"weight"``), or
+            ``None``.
 
     Returns:
         ``[N]`` squared norms (zero when the weight is frozen).
@@ -60,13 +68,20 @@ def embedding_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output
         counts = torch.zeros(module.num_embeddings, dtype=dtype, device=ids.device)
         counts.index_add_(0, ids.reshape(-1), torch.ones(ids.numel(), dtype=dtype, device=ids.device))
         grad = grad / counts[ids].unsqueeze(-1)
+    weight = param_weight(weights, "weight", dtype)
     if ids.shape[1] == 1:
-        return grad.square().sum((1, 2))
+        squared = grad.square()
+        return (squared if weight is None else squared * weight[ids]).sum((1, 2))
     sorted_ids, order = ids.sort(dim=1)
     is_new = torch.ones_like(sorted_ids, dtype=torch.long)
     is_new[:, 1:] = (sorted_ids[:, 1:] != sorted_ids[:, :-1]).long()
     # Slot k of example i collects the k-th distinct id of that example.
-    slot = (is_new.cumsum(1) - 1).unsqueeze(-1).expand(-1, -1, dim)
+    slot_index = is_new.cumsum(1) - 1
+    slot = slot_index.unsqueeze(-1).expand(-1, -1, dim)
     sorted_grad = grad.gather(1, order.unsqueeze(-1).expand(-1, -1, dim))
     rows = torch.zeros_like(grad).scatter_add_(1, slot, sorted_grad)
-    return rows.square().sum((1, 2))
+    if weight is None:
+        return rows.square().sum((1, 2))
+    # The id of each slot (every entry of a slot writes the same id; unused slots hold zero rows).
+    slot_ids = torch.zeros_like(sorted_ids).scatter_(1, slot_index, sorted_ids)
+    return (rows.square() * weight[slot_ids]).sum((1, 2))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,11 +179,13 @@ def per_example_grads(
     return grads
 
 
-def sq_norm_of_grads(grads: dict[str, Tensor]) -> Tensor:
-    """Sum of squared entries of per-example gradients, per example.
+def sq_norm_of_grads(grads: dict[str, Tensor], weights: Mapping[str, Tensor] | None = None) -> Tensor:
+    """Sum of squared entries of per-example gradients, per example, optionally weighted entrywise.
 
     Args:
         grads: ``{name: Tensor[N, ...]}``, as :func:`per_example_grads` returns.
+        weights: ``{name: Tensor[...]}``, the weight of each squared entry (a preconditioner's :math:`P^2`, the
+            parameter's shape); a name without one has weight 1.
 
     Returns:
         ``[N]`` squared norms, in float32 (float64 if the gradients are float64).
@@ -192,10 +194,15 @@ def sq_norm_of_grads(grads: dict[str, Tensor]) -> Tensor:
 
         >>> sq_norm_of_grads({"w": torch.ones(2, 3), "scale": torch.ones(2)})  # a scalar parameter gives [N]
         tensor([4., 4.])
+        >>> sq_norm_of_grads({"w": torch.ones(2, 3)}, {"w": torch.tensor([1.0, 0.0, 2.0])})
+        tensor([3., 3.])
     """
     values = list(grads.values())
     dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
     total = values[0].new_zeros(values[0].shape[0], dtype=dtype)
-    for value in values:
-        total = total + value.to(dtype).square().reshape(value.shape[0], -1).sum(1)
+    for name, value in grads.items():
+        squared = value.to(dtype).square()
+        if weights is not None and name in weights:
+            squared = squared * weights[name].to(dtype)
+        total = total + squared.reshape(value.shape[0], -1).sum(1)
     return total

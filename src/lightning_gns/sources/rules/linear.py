@@ -10,9 +10,22 @@ can be taken without building ``G_i`` ("ghost norm"):
 
 which costs ``T²(K + L)`` per example instead of ``T·K·L``. :func:`sum_outer_sq_norm`
 picks the cheaper of the two per call from the shapes alone (no host sync).
+
+**Weighted (preconditioned) norms.** With an elementwise weight :math:`W = P^2` on the
+entries of the weight gradient, a single position (``T = 1``, a 2-D input) keeps a cheap
+exact form, since :math:`G_i = g_i a_i^T` is an outer product:
+
+.. math::
+
+    \sum_{l,k} W_{lk}\, g_{il}^2 a_{ik}^2 = \big((g_i^{\odot 2})^T W\big) \cdot a_i^{\odot 2}
+
+(one ``[N, L] @ [L, K]`` product). With several positions the Gram form has no weighted
+counterpart of lower cost, so ``G_i`` is materialised (in chunks) and weighted.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -30,16 +43,20 @@ def accumulation_dtype(tensor: Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def sum_outer_sq_norm(grad_output: Tensor, activation: Tensor) -> Tensor:
-    """Squared Frobenius norm of ``Σ_t g_t a_tᵀ`` for each row of a batch.
+def sum_outer_sq_norm(grad_output: Tensor, activation: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Squared Frobenius norm of ``Σ_t g_t a_tᵀ`` for each row of a batch, optionally weighted entrywise.
 
     Chooses per call between the Gram form (cost ``T²·(K+L)``) and materialising the
     ``[M, L, K]`` product (cost ``T·K·L``), like nanoGNS does for sequence layers. Rows are
-    processed in chunks that keep either temporary under 128 MiB of float32.
+    processed in chunks that keep either temporary under 128 MiB of float32. With a
+    ``weight`` the result is ``Σ_lk W_lk (Σ_t g_tl a_tk)²``: exact and cheap for ``T = 1``,
+    materialised for ``T > 1`` (see the module docstring).
 
     Args:
         grad_output: ``[M, T, L]`` output gradients.
         activation: ``[M, T, K]`` inputs, in the same dtype as ``grad_output``.
+        weight: ``None``, or the elementwise weight ``[L, K]``, or ``[G, L, K]`` for rows that come in
+            blocks of ``G`` (row ``r`` weighted by ``weight[r % G]``; ``M`` a multiple of ``G``).
 
     Returns:
         ``[M]`` squared norms.
@@ -49,9 +66,13 @@ def sum_outer_sq_norm(grad_output: Tensor, activation: Tensor) -> Tensor:
         >>> g, a = torch.ones(2, 3, 4), torch.ones(2, 3, 5)
         >>> sum_outer_sq_norm(g, a)  # every entry of Σ_t g_t a_tᵀ is 3, and there are 20
         tensor([180., 180.])
+        >>> sum_outer_sq_norm(g, a, weight=torch.full((4, 5), 0.5))
+        tensor([90., 90.])
     """
     batch, steps = activation.shape[0], activation.shape[1]
     in_features, out_features = activation.shape[2], grad_output.shape[2]
+    if weight is not None:
+        return _weighted_sum_outer_sq_norm(grad_output, activation, weight)
     if steps == 1:
         return grad_output.square().sum((1, 2)) * activation.square().sum((1, 2))
     gram = steps * (in_features + out_features) < in_features * out_features
@@ -67,6 +88,63 @@ def sum_outer_sq_norm(grad_output: Tensor, activation: Tensor) -> Tensor:
 _CHUNK_ELEMENTS = 1 << 25  # 128 MiB of float32 temporaries per chunk
 
 
+def _weighted_sum_outer_sq_norm(grad_output: Tensor, activation: Tensor, weight: Tensor) -> Tensor:
+    batch, steps = activation.shape[0], activation.shape[1]
+    in_features, out_features = activation.shape[2], grad_output.shape[2]
+    blocks = weight.reshape(-1, out_features, in_features).to(grad_output.dtype)
+    groups = blocks.shape[0]
+    if batch % groups:
+        raise ValueError(f"Expected the rows ({batch}) to be a multiple of the weight's {groups} blocks.")
+    if steps == 1:
+        # Rank one: Σ_lk W_lk g_l² a_k² = ((g²)ᵀ W) · a², per block of rows.
+        g2 = grad_output.reshape(-1, groups, out_features).square().transpose(0, 1)  # [G, M/G, L]
+        a2 = activation.reshape(-1, groups, in_features).square().transpose(0, 1)  # [G, M/G, K]
+        return (torch.bmm(g2, blocks) * a2).sum(-1).transpose(0, 1).reshape(batch)
+    chunk = max(1, _CHUNK_ELEMENTS // (in_features * out_features)) // groups * groups or groups
+    parts = []
+    for i in range(0, batch, chunk):
+        outer = torch.bmm(grad_output[i : i + chunk].transpose(1, 2), activation[i : i + chunk])  # [c, L, K]
+        parts.append((outer.square().reshape(-1, groups, out_features, in_features) * blocks).sum((2, 3)).reshape(-1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def param_weight(weights: Mapping[str, Tensor] | None, name: str, dtype: torch.dtype) -> Tensor | None:
+    """The elementwise weight of one parameter, by its name in the module, in ``dtype``; ``None`` if it has none.
+
+    Args:
+        weights: the weights a rule was given, or ``None``.
+        name: the parameter's name relative to the module (``"weight"``, ``"out_proj.bias"``).
+        dtype: the accumulation dtype.
+
+    Returns:
+        The weight, or ``None`` (weight 1).
+    """
+    if weights is None or name not in weights:
+        return None
+    return weights[name].to(dtype)
+
+
+def weighted_sum_sq(tensor: Tensor, weight: Tensor | None) -> Tensor:
+    """``Σ_j w_j x_{ij}²`` over all but the batch dim (plain when ``weight`` is ``None``), ``weight`` broadcasting.
+
+    Args:
+        tensor: ``[N, *shape]``.
+        weight: ``[*shape]`` or ``None``.
+
+    Returns:
+        ``[N]``.
+
+    Example::
+
+        >>> weighted_sum_sq(torch.ones(2, 3), torch.tensor([1.0, 2.0, 3.0]))
+        tensor([6., 6.])
+    """
+    squared = tensor.square()
+    if weight is not None:
+        squared = squared * weight
+    return squared.reshape(tensor.shape[0], -1).sum(1)
+
+
 def _gram_sq_norm(grad_output: Tensor, activation: Tensor) -> Tensor:
     gram_a = torch.bmm(activation, activation.transpose(1, 2))
     gram_g = torch.bmm(grad_output, grad_output.transpose(1, 2))
@@ -77,7 +155,9 @@ def _outer_sq_norm(grad_output: Tensor, activation: Tensor) -> Tensor:
     return torch.bmm(grad_output.transpose(1, 2), activation).square().sum((1, 2))
 
 
-def linear_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+def linear_sq_norm(
+    module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor, *, weights: Mapping[str, Tensor] | None = None
+) -> Tensor:
     """Per-example squared gradient norm of a :class:`torch.nn.Linear` (weight and bias).
 
     Inputs of shape ``[N, K]`` or ``[N, *, K]``; for the latter every example is the whole
@@ -87,6 +167,8 @@ def linear_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: T
         module: the linear layer.
         inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, *, K]``.
         grad_output: the gradient flowing into its output, ``[N, *, L]``.
+        weights: elementwise weights of the squared gradient entries by parameter name (``"weight"``,
+            ``"bias"``; a preconditioner's :math:`P^2`), or ``None``.
 
     Returns:
         ``[N]`` squared norms over the layer's trainable parameters.
@@ -113,7 +195,7 @@ def linear_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: T
     weight, bias = module.weight, module.bias
     if isinstance(weight, Tensor) and weight.requires_grad:
         act = activation.reshape(batch, -1, activation.shape[-1]).to(dtype)
-        result = result + sum_outer_sq_norm(grad, act)
+        result = result + sum_outer_sq_norm(grad, act, param_weight(weights, "weight", dtype))
     if isinstance(bias, Tensor) and bias.requires_grad:
-        result = result + grad.sum(1).square().sum(1)
+        result = result + weighted_sum_sq(grad.sum(1), param_weight(weights, "bias", dtype))
     return result

@@ -6,11 +6,17 @@ positions that share one entry of ``γ`` (sequence positions for LayerNorm, spat
 positions for the channel-wise norms). The rules recompute ``x̂`` from the input with
 the layer's own functional form, in float32 (or float64), without the affine part.
 
+With elementwise weights :math:`W` on the squared gradient entries (a preconditioner's
+:math:`P^2`) the sums above are squared entrywise and weighted by :math:`W` before they are
+added up: exact, at the same cost.
+
 BatchNorm that normalises with batch statistics couples the examples of a batch: their
 gradients are then not per-example quantities, so the rule refuses it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +24,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from lightning_gns.sources.rules.linear import accumulation_dtype
+from lightning_gns.sources.rules.linear import accumulation_dtype, param_weight, weighted_sum_sq
+
+Weights = Mapping[str, Tensor] | None
 
 
 def batch_norm_uses_batch_statistics(module: _BatchNorm) -> bool:
@@ -54,15 +62,26 @@ def batch_norm_coupling_error(name: str, module: nn.Module) -> ValueError:
     )
 
 
-def _affine_sq_norm(module: nn.Module, normalized: Tensor, grad: Tensor, reduce_dims: tuple[int, ...]) -> Tensor:
-    """Squared norms of ``Σ g ⊙ x̂`` (weight) and ``Σ g`` (bias) summed over ``reduce_dims``."""
+def _affine_sq_norm(
+    module: nn.Module, normalized: Tensor, grad: Tensor, reduce_dims: tuple[int, ...], weights: Weights
+) -> Tensor:
+    """Squared norms of ``Σ g ⊙ x̂`` (weight) and ``Σ g`` (bias) summed over ``reduce_dims``, optionally weighted.
+
+    What remains after the sum has the parameter's shape (per example), so a weight broadcasts onto it.
+    """
     result = grad.new_zeros(grad.shape[0])
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if isinstance(weight, Tensor) and weight.requires_grad:
-        result = result + _sum_keep_batch(grad * normalized, reduce_dims).square().flatten(1).sum(1)
+        summed = _sum_keep_batch(grad * normalized, reduce_dims)
+        result = result + weighted_sum_sq(summed, _shaped(param_weight(weights, "weight", grad.dtype), summed))
     if isinstance(bias, Tensor) and bias.requires_grad:
-        result = result + _sum_keep_batch(grad, reduce_dims).square().flatten(1).sum(1)
+        summed = _sum_keep_batch(grad, reduce_dims)
+        result = result + weighted_sum_sq(summed, _shaped(param_weight(weights, "bias", grad.dtype), summed))
     return result
+
+
+def _shaped(weight: Tensor | None, summed: Tensor) -> Tensor | None:
+    return None if weight is None else weight.reshape(summed.shape[1:])
 
 
 def _sum_keep_batch(tensor: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -77,13 +96,16 @@ def _require_batch(module: nn.Module, inputs: Tensor, min_dim: int, shape_hint: 
         )
 
 
-def layer_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+def layer_norm_sq_norm(
+    module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor, *, weights: Weights = None
+) -> Tensor:
     """Per-example squared gradient norm of a :class:`torch.nn.LayerNorm`.
 
     Args:
         module: the layer.
         inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, *, *normalized_shape]``.
         grad_output: the gradient flowing into its output, same shape.
+        weights: elementwise weights of the squared gradient entries by parameter name, or ``None``.
 
     Returns:
         ``[N]`` squared norms over the layer's trainable parameters.
@@ -106,16 +128,19 @@ def layer_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_outpu
     dtype = accumulation_dtype(grad_output)
     normalized = F.layer_norm(inputs[0].to(dtype), shape, None, None, module.eps)
     reduce_dims = tuple(range(1, grad_output.dim() - len(shape)))
-    return _affine_sq_norm(module, normalized, grad_output.to(dtype), reduce_dims)
+    return _affine_sq_norm(module, normalized, grad_output.to(dtype), reduce_dims, weights)
 
 
-def rms_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+def rms_norm_sq_norm(
+    module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor, *, weights: Weights = None
+) -> Tensor:
     """Per-example squared gradient norm of a :class:`torch.nn.RMSNorm`.
 
     Args:
         module: the layer.
         inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, *, *normalized_shape]``.
         grad_output: the gradient flowing into its output, same shape.
+        weights: elementwise weights of the squared gradient entries by parameter name, or ``None``.
 
     Returns:
         ``[N]`` squared norms over the layer's trainable scale.
@@ -139,16 +164,19 @@ def rms_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output:
     eps = module.eps if module.eps is not None else torch.finfo(inputs[0].dtype).eps
     normalized = F.rms_norm(inputs[0].to(dtype), shape, None, eps)
     reduce_dims = tuple(range(1, grad_output.dim() - len(shape)))
-    return _affine_sq_norm(module, normalized, grad_output.to(dtype), reduce_dims)
+    return _affine_sq_norm(module, normalized, grad_output.to(dtype), reduce_dims, weights)
 
 
-def group_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+def group_norm_sq_norm(
+    module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor, *, weights: Weights = None
+) -> Tensor:
     """Per-example squared gradient norm of a :class:`torch.nn.GroupNorm`.
 
     Args:
         module: the layer.
         inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, C, *]``.
         grad_output: the gradient flowing into its output, same shape.
+        weights: elementwise weights of the squared gradient entries by parameter name, or ``None``.
 
     Returns:
         ``[N]`` squared norms over the layer's trainable parameters.
@@ -169,10 +197,12 @@ def group_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_outpu
     _require_batch(module, inputs[0], 2, "[N, C, *]")
     dtype = accumulation_dtype(grad_output)
     normalized = F.group_norm(inputs[0].to(dtype), module.num_groups, None, None, module.eps)
-    return _affine_sq_norm(module, normalized, grad_output.to(dtype), tuple(range(2, grad_output.dim())))
+    return _affine_sq_norm(module, normalized, grad_output.to(dtype), tuple(range(2, grad_output.dim())), weights)
 
 
-def instance_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+def instance_norm_sq_norm(
+    module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor, *, weights: Weights = None
+) -> Tensor:
     """Per-example squared gradient norm of an affine ``InstanceNorm1d/2d/3d``.
 
     Statistics are per example and channel, so examples stay independent in training mode
@@ -182,6 +212,7 @@ def instance_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_ou
         module: the layer.
         inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, C, *spatial]``.
         grad_output: the gradient flowing into its output, same shape.
+        weights: elementwise weights of the squared gradient entries by parameter name, or ``None``.
 
     Returns:
         ``[N]`` squared norms over the layer's trainable parameters.
@@ -207,16 +238,19 @@ def instance_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_ou
     normalized = F.instance_norm(
         inputs[0].to(dtype), running_mean, running_var, None, None, use_input_stats=use_input_stats, eps=module.eps
     )
-    return _affine_sq_norm(module, normalized, grad_output.to(dtype), tuple(range(2, grad_output.dim())))
+    return _affine_sq_norm(module, normalized, grad_output.to(dtype), tuple(range(2, grad_output.dim())), weights)
 
 
-def batch_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
+def batch_norm_sq_norm(
+    module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor, *, weights: Weights = None
+) -> Tensor:
     """Per-example squared gradient norm of a BatchNorm layer in eval mode (running statistics).
 
     Args:
         module: the layer.
         inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, C, *]``.
         grad_output: the gradient flowing into its output, same shape.
+        weights: elementwise weights of the squared gradient entries by parameter name, or ``None``.
 
     Returns:
         ``[N]`` squared norms over the layer's trainable parameters.
@@ -246,4 +280,4 @@ def batch_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_outpu
     normalized = F.batch_norm(
         inputs[0].to(dtype), running_mean.to(dtype), running_var.to(dtype), training=False, eps=module.eps
     )
-    return _affine_sq_norm(module, normalized, grad_output.to(dtype), tuple(range(2, grad_output.dim())))
+    return _affine_sq_norm(module, normalized, grad_output.to(dtype), tuple(range(2, grad_output.dim())), weights)

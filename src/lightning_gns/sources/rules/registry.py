@@ -1,4 +1,4 @@
-"""The one registry from module class to per-example norm rule.
+r"""The one registry from module class to per-example norm rule.
 
 A rule is a pure function ``rule(module, inputs, grad_output) -> Tensor[N]``: the squared
 L2 norm of each example's gradient over the module's own trainable parameters (and those
@@ -9,6 +9,13 @@ and the rule returns ``|g_i|² / N²``.
 
 Lookup is by exact type, so a subclass with a different forward never silently inherits a
 rule that does not fit it: register it explicitly.
+
+For the preconditioned noise scale a rule may also take a keyword argument ``weights``: a
+mapping from the names of the module's parameters (``"weight"``, ``"bias"``, relative to the
+module) to the elementwise weight of their squared gradient entries (a preconditioner's
+:math:`P^2`, the parameter's shape; a missing name has weight 1), and then returns
+:math:`\sum_j W_j g_{ij}^2`. Every built-in rule does. A rule without it is left out when
+weights are needed: the engine measures that module with the :mod:`torch.func` fallback.
 """
 
 from __future__ import annotations
