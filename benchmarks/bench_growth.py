@@ -36,10 +36,8 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +45,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +56,9 @@ from torch import Tensor
 
 from lightning_gns import NoiseScaleMonitor
 from lightning_gns.demo import CharTextDataModule, CharTransformer, DigitsDataModule, DigitsMLP
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run_info
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -892,50 +892,6 @@ def plot(outcome: dict[str, Any], analysis: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------------------------------- metadata
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return math.nan
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for dist in ("torch", "lightning", "lightning-gns", "numpy", "scipy", "scikit-learn", "matplotlib"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "not installed"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        versions["lightning-gns"] += f" (commit {commit})"
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return versions
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return None if not math.isfinite(value) else value
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _run_json(result: RunResult, keep_history: bool) -> dict[str, Any]:
     out = asdict(result)
     out["crossings"] = {k: None if v is None else asdict(v) for k, v in result.crossings.items()}
@@ -989,11 +945,13 @@ def main(argv: list[str] | None = None) -> None:
     meta: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join(["python", "benchmarks/bench_growth.py", *(sys.argv[1:] if argv is None else argv)]),
-        "cpu": _cpu_name(),
+        "cpu": run_info.cpu_name(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "load_average_at_start": _load_average(),
-        "versions": _versions(),
+        "load_average_at_start": run_info.load_average(),
+        "versions": run_info.versions(
+            ("torch", "lightning", "lightning-gns", "numpy", "scipy", "scikit-learn", "matplotlib"), with_commit=True
+        ),
     }
 
     def log(message: str) -> None:
@@ -1008,7 +966,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"{name}: {task.description}")
             outcomes.append(run_task(task, Path(workdir), log, policies))
             log(f"{name}: done in {outcomes[-1]['seconds'] / 60:.1f} min")
-    meta["load_average_at_end"] = _load_average()
+    meta["load_average_at_end"] = run_info.load_average()
     meta["minutes"] = (time.perf_counter() - started) / 60
     write_report(outcomes, meta, out)
     log(f"wrote {out / 'growth.md'}, growth.json and the plots")
@@ -1045,7 +1003,7 @@ def write_report(outcomes: list[dict[str, Any]], meta: dict[str, Any], out: Path
             for o, a in zip(outcomes, analyses, strict=True)
         ],
     }
-    (out / "growth.json").write_text(json.dumps(_json_safe(payload), indent=1) + "\n")
+    (out / "growth.json").write_text(json.dumps(run_info.json_safe(payload), indent=1) + "\n")
 
 
 def load_outcomes(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:

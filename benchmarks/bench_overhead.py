@@ -38,7 +38,6 @@ import importlib
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -47,7 +46,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +58,7 @@ from torch.utils._pytree import tree_flatten
 # unrelated top-level `benchmarks` package into site-packages, and a regular package shadows a namespace one.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import run_info
 from models import TASKS, BenchTask, make_task
 from peers import PEERS, MethodFactory, Step, as_step, exact_sq_norms_per_param
 
@@ -299,44 +298,6 @@ def run_task(
 # --------------------------------------------------------------------------------------------------- report
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return math.nan
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for dist in ("torch", "backpack-for-pytorch", "opacus", "lightning"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "not installed"
-    return versions
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN becomes null (strict JSON has no NaN), tuples become lists."""
-    if isinstance(value, float):
-        return None if math.isnan(value) else value
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _fmt(value: float, spec: str) -> str:
     return "–" if math.isnan(value) else format(value, spec)
 
@@ -440,7 +401,7 @@ def main(argv: list[str] | None = None) -> list[MethodResult]:
         methods.remove(REFERENCE)
         methods.insert(0, REFERENCE)
 
-    load_at_start = _load_average()
+    load_at_start = run_info.load_average()
     results: list[MethodResult] = []
     descriptions: dict[str, str] = {}
     for name in tasks:
@@ -464,13 +425,13 @@ def main(argv: list[str] | None = None) -> list[MethodResult]:
         "device": (
             torch.cuda.get_device_name(device)
             if device.type == "cuda"
-            else f"CPU ({_cpu_name()}, {os.cpu_count()} cores)"
+            else f"CPU ({run_info.cpu_name()}, {os.cpu_count()} cores)"
         ),
         # Other processes on the machine distort absolute times; the within-round ratios suffer much less.
         "load_average_at_start": load_at_start,
-        "load_average_at_end": _load_average(),
+        "load_average_at_end": run_info.load_average(),
         "threads": torch.get_num_threads(),
-        "versions": _versions(),
+        "versions": run_info.versions(("torch", "backpack-for-pytorch", "opacus", "lightning"), with_commit=False),
         "repeats": repeats,
         "inner": inner,
         "warmup": warmup,
@@ -482,7 +443,7 @@ def main(argv: list[str] | None = None) -> list[MethodResult]:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overhead.md").write_text(report)
     (args.out / "overhead.json").write_text(
-        json.dumps(_json_safe({"meta": meta, "results": [asdict(r) for r in results]}), indent=2) + "\n"
+        json.dumps(run_info.json_safe({"meta": meta, "results": [asdict(r) for r in results]}), indent=2) + "\n"
     )
     return results
 
