@@ -81,16 +81,7 @@ class OptimizerClassifier(Classifier):
 def adam_steps(net: nn.Module, dataset: TensorDataset, steps: int = 30, lr: float = 1e-4) -> dict:
     """Real Adam steps on mini-batches: the net barely moves and the optimizer gets its state, returned."""
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=BETAS, eps=EPS)
-    loader = DataLoader(dataset, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(2))
-    done = 0
-    while done < steps:
-        for inputs, labels in loader:
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(net(inputs), labels).backward()
-            optimizer.step()
-            done += 1
-            if done == steps:
-                break
+    pretrain(net, dataset, steps, optimizer=optimizer, batch_size=16, seed=2)
     return copy.deepcopy(optimizer.state_dict())
 
 

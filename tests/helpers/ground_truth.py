@@ -40,11 +40,19 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def pretrain(net: nn.Module, dataset: TensorDataset, steps: int = 150, lr: float = 0.3) -> None:
-    """A little plain training so that the weights sit where B_simple is far from 1."""
-    gen = torch.Generator().manual_seed(1)
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
-    loader = DataLoader(dataset, batch_size=32, shuffle=True, generator=gen)
+def pretrain(
+    net: nn.Module,
+    dataset: TensorDataset,
+    steps: int = 150,
+    lr: float = 0.3,
+    optimizer: torch.optim.Optimizer | None = None,
+    batch_size: int = 32,
+    seed: int = 1,
+) -> torch.optim.Optimizer:
+    """A little plain training (SGD unless ``optimizer`` is given) so that B_simple is far from 1; the optimizer."""
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = optimizer or torch.optim.SGD(net.parameters(), lr=lr)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
     done = 0
     while done < steps:
         for inputs, labels in loader:
@@ -53,7 +61,8 @@ def pretrain(net: nn.Module, dataset: TensorDataset, steps: int = 150, lr: float
             optimizer.step()
             done += 1
             if done == steps:
-                return
+                return optimizer
+    return optimizer
 
 
 def per_example_flat_grads(
