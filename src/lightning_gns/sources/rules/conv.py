@@ -1,16 +1,29 @@
 """One norm rule for :class:`torch.nn.Conv1d`, :class:`~torch.nn.Conv2d` and :class:`~torch.nn.Conv3d`.
 
 A convolution is a linear map applied at every output position ``p`` to the input patch
-under the kernel, so its per-example weight gradient is ``Σ_p g_p a_pᵀ`` per group: the
-linear kernel :func:`~lightning_gns.sources.rules.linear.sum_outer_sq_norm` applies to the
-unfolded patches. The unfolding below is written once for any number of spatial dims
-(strided views, one copy at the end) and honours stride, padding (including ``"same"``
-and non-zero padding modes), dilation and groups.
+under the kernel, so its per-example weight gradient is ``G_i = Σ_p g_p a_pᵀ`` per group.
+Its squared norm is taken one of three ways, chosen per call from the shapes alone:
+
+- **Gram form** (few output positions, big patches): the linear kernel
+  :func:`~lightning_gns.sources.rules.linear.sum_outer_sq_norm` on the unfolded patches,
+  ``Σ_{p,q} (a_p·a_q)(g_p·g_q)``, never builds ``G_i``;
+- **grouped convolution** (otherwise, with enough input channels per group): ``G_i`` of a
+  chunk of examples is the weight gradient of one convolution in which every example is a
+  group of its own (:func:`per_example_weight_grads`); it runs on the backend's
+  convolution kernels and unfolds nothing;
+- **unfolded patches times output gradients** (otherwise): grouped kernels with a handful
+  of input channels per group, such as a first layer on RGB images, are slower than one
+  batched matrix product.
+
+The unfolding is written once for any number of spatial dims (strided views, one copy at
+the end); every path honours stride, padding (including ``"same"`` and non-zero padding
+modes), dilation and groups.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +31,13 @@ from torch import Tensor, nn
 
 from lightning_gns.sources.rules.linear import accumulation_dtype, sum_outer_sq_norm
 
-_CHUNK_ELEMENTS = 1 << 19  # patches of about 2 MiB of float32 per chunk
+# Unfolded patches are kernel-size times bigger than the input: about 2 MiB of float32 per chunk stays in cache.
+_CHUNK_ELEMENTS = 1 << 19
+# Per-example weight gradients of one chunk of examples, about 8 MiB of float32: bigger chunks fall out of the
+# cache, smaller ones starve the grouped kernels (measured on CPU, oneDNN).
+_GRAD_CHUNK_ELEMENTS = 1 << 21
+# Input channels per group from which the grouped kernels beat unfolding and a batched product (CPU, oneDNN).
+_GROUPED_MIN_CHANNELS = 8
 
 
 def unfold_patches(conv: nn.modules.conv._ConvNd, inputs: Tensor) -> Tensor:
@@ -41,11 +60,7 @@ def unfold_patches(conv: nn.modules.conv._ConvNd, inputs: Tensor) -> Tensor:
                  [1., 2., 3.]]])
     """
     spatial = inputs.dim() - 2
-    padding = conv._reversed_padding_repeated_twice
-    if any(padding):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        inputs = F.pad(inputs, padding, mode=mode)
-    patches = inputs
+    patches, _ = _pad(conv, inputs, explicit=True)
     for dim in range(spatial):
         kernel, dilation, stride = conv.kernel_size[dim], conv.dilation[dim], conv.stride[dim]
         # Tensor.unfold slides a window of the dilated span and appends it as the last dim.
@@ -56,6 +71,51 @@ def unfold_patches(conv: nn.modules.conv._ConvNd, inputs: Tensor) -> Tensor:
     # [N, C, *out, *kernel] -> [N, C, *kernel, *out], flattened like weight.view(C_out, -1).
     order = [0, 1, *range(2 + spatial, 2 + 2 * spatial), *range(2, 2 + spatial)]
     return patches.permute(order).reshape(batch, channels * math.prod(conv.kernel_size), -1)
+
+
+def per_example_weight_grads(conv: nn.modules.conv._ConvNd, inputs: Tensor, grad_output: Tensor) -> Tensor:
+    """Every example's weight gradient of a convolution, from one grouped convolution.
+
+    The examples are stacked along the channels and the convolution is run with ``N·groups``
+    groups: its weight gradient holds one block per example.
+
+    Args:
+        conv: the convolution (only its geometry is read).
+        inputs: ``[N, C_in, *spatial]``.
+        grad_output: ``[N, C_out, *spatial_out]``, in the dtype of ``inputs``.
+
+    Returns:
+        ``[N, *conv.weight.shape]``.
+
+    Example::
+
+        >>> import torch
+        >>> conv = nn.Conv1d(1, 1, kernel_size=2, bias=False)
+        >>> x = torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 1.0, 0.0]]])
+        >>> per_example_weight_grads(conv, x, torch.ones(2, 1, 2))  # Σ_p of each window position
+        tensor([[[[3., 5.]]],
+        <BLANKLINE>
+                [[[1., 1.]]]])
+    """
+    batch, spatial = inputs.shape[0], inputs.dim() - 2
+    inputs, padding = _pad(conv, inputs, explicit=False)
+    weight_shape = (batch * conv.out_channels, *conv.weight.shape[1:])
+    # Only the weight's shape is read; an expanded scalar allocates nothing (as in torch.nn.grad.conv2d_weight).
+    weight = grad_output.new_empty(1).expand(weight_shape)
+    grads = torch.ops.aten.convolution_backward(
+        grad_output.reshape(1, -1, *grad_output.shape[2:]),
+        inputs.reshape(1, -1, *inputs.shape[2:]),
+        weight,
+        None,
+        list(conv.stride),
+        padding,
+        list(conv.dilation),
+        False,
+        [0] * spatial,
+        conv.groups * batch,
+        [False, True, False],
+    )[1]
+    return grads.reshape(batch, *conv.weight.shape)
 
 
 def conv_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
@@ -89,23 +149,85 @@ def conv_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Ten
             f"{tuple(activation.shape)}. Feed batched inputs of shape [N, C, *spatial]."
         )
     dtype = accumulation_dtype(grad_output)
-    batch, out_channels, groups = grad_output.shape[0], grad_output.shape[1], module.groups
-    grad = grad_output.reshape(batch, out_channels, -1).to(dtype)
-    result = grad.new_zeros(batch)
+    grad = grad_output.to(dtype)
+    result = grad.new_zeros(grad.shape[0])
     if module.weight.requires_grad:
-        positions = grad.shape[2]
-        patch_size = activation.shape[1] * math.prod(module.kernel_size)
-        # The patches are kernel-size times bigger than the input: a few examples at a time stay in cache.
-        chunk = max(1, _CHUNK_ELEMENTS // (patch_size * positions))
-        weight_sq = []
-        for start in range(0, batch, chunk):
-            patches = unfold_patches(module, activation[start : start + chunk].to(dtype))
-            rows = patches.shape[0] * groups
-            # Groups are independent blocks of the weight: fold them into the batch of the kernel.
-            grad_groups = grad[start : start + chunk].reshape(rows, out_channels // groups, positions).transpose(1, 2)
-            patches_groups = patches.reshape(rows, -1, positions).transpose(1, 2)
-            weight_sq.append(sum_outer_sq_norm(grad_groups, patches_groups).view(-1, groups).sum(1))
-        result = result + (weight_sq[0] if len(weight_sq) == 1 else torch.cat(weight_sq))
+        result = result + _weight_sq_norm(module, activation, grad)
     if module.bias is not None and module.bias.requires_grad:
-        result = result + grad.sum(2).square().sum(1)
+        result = result + grad.flatten(2).sum(2).square().sum(1)
     return result
+
+
+def _weight_sq_norm(conv: nn.modules.conv._ConvNd, activation: Tensor, grad: Tensor) -> Tensor:
+    if _weight_path(conv, activation, grad) == "grouped":
+        return _grouped_sq_norm(conv, activation, grad)
+    return _unfolded_sq_norm(conv, activation, grad)
+
+
+def _weight_path(
+    conv: nn.modules.conv._ConvNd, activation: Tensor, grad: Tensor
+) -> Literal["gram", "grouped", "unfolded"]:
+    """How the weight's per-example norms are taken, from the shapes alone (see the module docstring)."""
+    positions, groups = math.prod(grad.shape[2:]), conv.groups
+    in_per_group, out_per_group = activation.shape[1] // groups, grad.shape[1] // groups
+    patch_size = in_per_group * math.prod(conv.kernel_size)
+    # The cost model of sum_outer_sq_norm: the Gram form costs T²(K+L), building G_i costs T·K·L.
+    if positions * (patch_size + out_per_group) < patch_size * out_per_group:
+        return "gram"
+    return "grouped" if in_per_group >= _GROUPED_MIN_CHANNELS else "unfolded"
+
+
+def _grouped_sq_norm(conv: nn.modules.conv._ConvNd, activation: Tensor, grad: Tensor) -> Tensor:
+    batch = grad.shape[0]
+    chunk = max(1, _GRAD_CHUNK_ELEMENTS // conv.weight.numel())
+    norms = []
+    for start in range(0, batch, chunk):
+        grads = per_example_weight_grads(
+            conv, activation[start : start + chunk].to(grad.dtype), grad[start : start + chunk]
+        )
+        norms.append(torch.linalg.vector_norm(grads.flatten(1), dim=1).square())
+    return norms[0] if len(norms) == 1 else torch.cat(norms)
+
+
+def _unfolded_sq_norm(conv: nn.modules.conv._ConvNd, activation: Tensor, grad: Tensor) -> Tensor:
+    batch, groups = grad.shape[0], conv.groups
+    grad = grad.flatten(2)
+    out_per_group, positions = grad.shape[1] // groups, grad.shape[2]
+    patch_size = activation.shape[1] * math.prod(conv.kernel_size)
+    # The patches are kernel-size times bigger than the input: a few examples at a time stay in cache.
+    chunk = max(1, _CHUNK_ELEMENTS // (patch_size * positions))
+    norms = []
+    for start in range(0, batch, chunk):
+        patches = unfold_patches(conv, activation[start : start + chunk].to(grad.dtype))
+        rows = patches.shape[0] * groups
+        # Groups are independent blocks of the weight: fold them into the batch of the kernel.
+        patches_groups = patches.reshape(rows, -1, positions)
+        grad_groups = grad[start : start + chunk].reshape(rows, out_per_group, positions)
+        norms.append(_patches_outer_sq_norm(grad_groups, patches_groups).view(-1, groups).sum(1))
+    return norms[0] if len(norms) == 1 else torch.cat(norms)
+
+
+def _patches_outer_sq_norm(grad: Tensor, patches: Tensor) -> Tensor:
+    """``|Σ_p g_p a_pᵀ|²`` per row of ``[M, L, T]`` gradients and ``[M, K, T]`` patches."""
+    steps, in_features, out_features = patches.shape[2], patches.shape[1], grad.shape[1]
+    if steps * (in_features + out_features) < in_features * out_features:
+        return sum_outer_sq_norm(grad.transpose(1, 2), patches.transpose(1, 2))
+    # [M, K, L]: with few patch rows (an RGB first layer) MKL runs this orientation markedly faster than [M, L, K].
+    outer = torch.bmm(patches, grad.transpose(1, 2))
+    return torch.linalg.vector_norm(outer.flatten(1), dim=1).square()
+
+
+def _pad(conv: nn.modules.conv._ConvNd, inputs: Tensor, explicit: bool) -> tuple[Tensor, list[int]]:
+    """Pad ``inputs`` as the convolution does; zero padding is left to the convolution kernels unless ``explicit``.
+
+    Returns:
+        The input and the symmetric zero padding that still has to be applied to it.
+    """
+    spatial = inputs.dim() - 2
+    if not explicit and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+        return inputs, list(conv.padding)
+    padding = conv._reversed_padding_repeated_twice
+    if any(padding):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        inputs = F.pad(inputs, padding, mode=mode)
+    return inputs, [0] * spatial
