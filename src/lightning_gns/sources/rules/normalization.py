@@ -55,11 +55,15 @@ def batch_norm_coupling_error(name: str, module: nn.Module) -> ValueError:
 
 
 def _affine_sq_norm(module: nn.Module, normalized: Tensor, grad: Tensor, reduce_dims: tuple[int, ...]) -> Tensor:
-    """Squared norms of ``Σ g ⊙ x̂`` (weight) and ``Σ g`` (bias) summed over ``reduce_dims``."""
+    """Squared norms of ``Σ g ⊙ x̂`` (weight) and ``Σ g`` (bias) summed over ``reduce_dims``.
+
+    ``normalized`` is the rule's own temporary: it is overwritten with ``g ⊙ x̂`` (a fresh
+    activation-sized buffer would cost more than the product itself).
+    """
     result = grad.new_zeros(grad.shape[0])
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if isinstance(weight, Tensor) and weight.requires_grad:
-        result = result + _sum_keep_batch(grad * normalized, reduce_dims).square().flatten(1).sum(1)
+        result = result + _sum_keep_batch(normalized.mul_(grad), reduce_dims).square().flatten(1).sum(1)
     if isinstance(bias, Tensor) and bias.requires_grad:
         result = result + _sum_keep_batch(grad, reduce_dims).square().flatten(1).sum(1)
     return result
