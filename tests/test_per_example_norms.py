@@ -584,3 +584,16 @@ def test_multihead_attention_sequence_first_with_padding_mask():
     x, y = torch.randn(3, 5, 8), torch.randint(0, 3, (3, 5))
     norms = measure(model, x, y, "mean")
     assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y) / 9)
+
+
+def test_inputs_are_released_as_soon_as_measured():
+    # Each layer's input is dropped once its norm is taken, not at the end of the pass: autograd reuses the memory.
+    model = MLP()
+    x = torch.randn(4, 6, requires_grad=True)
+    held: list[list[bool]] = []
+    with PerExampleGradNorms(model) as norms:
+        out = model(x)
+        x.register_hook(lambda _: held.append([call.args is not None for call in norms._fired]))
+        out.sum().backward()
+    assert held == [[False, False, False]]
+    assert len(norms) == 1

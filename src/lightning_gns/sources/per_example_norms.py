@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
@@ -523,6 +524,10 @@ class PerExampleGradNorms:
         if group in self._eager:
             raise _late_call_error(group)
         self._eager[group] = self._single_call_sq_norm(call, grads)
+        if _pass_reaches(group.params):
+            # Done with the inputs: freed now rather than at the end of the pass, autograd reuses their memory for
+            # the rest of the backward pass (keeping every layer's input to the end cost a CNN ~10% of a step).
+            _release(call)
 
     # ------------------------------------------------------------------ backward pass
 
@@ -715,6 +720,17 @@ def _release(call: _Call) -> None:
     call.args = None
     call.kwargs = None
     call.captured = None
+
+
+def _pass_reaches(params: list[nn.Parameter]) -> bool:
+    """Whether the backward pass in progress accumulates a gradient into one of ``params``.
+
+    ``False`` when it cannot tell: ``torch.autograd.grad`` does not say whether it captures a leaf's gradient.
+    """
+    try:
+        return any(torch._C._will_engine_execute_node(get_gradient_edge(p).node) for p in params if p.requires_grad)
+    except RuntimeError:
+        return False
 
 
 def _captures_forward(unit: _Unit) -> bool:
