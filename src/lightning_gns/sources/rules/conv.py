@@ -23,7 +23,7 @@ modes), dilation and groups.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -97,25 +97,114 @@ def per_example_weight_grads(conv: nn.modules.conv._ConvNd, inputs: Tensor, grad
         <BLANKLINE>
                 [[[1., 1.]]]])
     """
-    batch, spatial = inputs.shape[0], inputs.dim() - 2
-    inputs, padding = _pad(conv, inputs, explicit=False)
-    weight_shape = (batch * conv.out_channels, *conv.weight.shape[1:])
+    batch = inputs.shape[0]
     # Only the weight's shape is read; an expanded scalar allocates nothing (as in torch.nn.grad.conv2d_weight).
-    weight = grad_output.new_empty(1).expand(weight_shape)
-    grads = torch.ops.aten.convolution_backward(
-        grad_output.reshape(1, -1, *grad_output.shape[2:]),
+    weight = grad_output.new_empty(1).expand(batch * conv.out_channels, *conv.weight.shape[1:])
+    grads = _weight_grad(
+        conv,
         inputs.reshape(1, -1, *inputs.shape[2:]),
+        grad_output.reshape(1, -1, *grad_output.shape[2:]),
+        weight,
+        conv.groups * batch,
+    )
+    return grads.reshape(batch, *conv.weight.shape)
+
+
+def batch_weight_grad(conv: nn.modules.conv._ConvNd, inputs: Tensor, grad_output: Tensor) -> Tensor:
+    """The weight gradient of a convolution for a batch, as autograd computes it (differentiable).
+
+    Args:
+        conv: the convolution.
+        inputs: ``[N, C_in, *spatial]``.
+        grad_output: ``[N, C_out, *spatial_out]``.
+
+    Returns:
+        A tensor shaped like ``conv.weight``.
+
+    Example::
+
+        >>> import torch
+        >>> conv = nn.Conv1d(1, 1, kernel_size=2, bias=False)
+        >>> x = torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 1.0, 0.0]]])
+        >>> batch_weight_grad(conv, x, torch.ones(2, 1, 2))  # the sum of the per-example gradients
+        tensor([[[4., 6.]]])
+    """
+    return _weight_grad(conv, inputs, grad_output, conv.weight.detach(), conv.groups)
+
+
+def _weight_grad(
+    conv: nn.modules.conv._ConvNd, inputs: Tensor, grad_output: Tensor, weight: Tensor, groups: int
+) -> Tensor:
+    inputs, padding = _pad(conv, inputs, explicit=False)
+    return torch.ops.aten.convolution_backward(
+        grad_output,
+        inputs,
         weight,
         None,
         list(conv.stride),
         padding,
         list(conv.dilation),
         False,
-        [0] * spatial,
-        conv.groups * batch,
+        [0] * (inputs.dim() - 2),
+        groups,
         [False, True, False],
     )[1]
-    return grads.reshape(batch, *conv.weight.shape)
+
+
+class GradSlot:
+    """Where the per-example engine leaves a convolution's batch gradients for :class:`ConvParamGrads`."""
+
+    __slots__ = ("bias", "weight")
+
+    def __init__(self) -> None:
+        self.weight: Tensor | None = None
+        self.bias: Tensor | None = None
+
+
+class ConvParamGrads(torch.autograd.Function):
+    """Identity on a convolution's output whose backward hands autograd the gradients of weight and bias.
+
+    The per-example engine runs a convolution with the ``requires_grad`` of its weight and
+    bias switched off, so that autograd computes no parameter gradient there (CPU backends
+    compute the weight's whenever the bias needs one), and passes the output through this
+    function. When the output's gradient arrives, the engine's hook builds the per-example
+    gradients for their norms and leaves their sums in the slot, which this backward hands
+    to the parameters. Whatever the slot lacks (the Gram form builds no per-example weight
+    gradients; the engine may be gone, or a retained graph's second pass unmeasured), and
+    everything when a graph of the backward is being built (``create_graph=True``), it
+    computes as autograd would.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        output: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        inputs: Tensor,
+        conv: nn.modules.conv._ConvNd,
+        slot: GradSlot,
+    ) -> Tensor:
+        """Pass ``output`` through; ``inputs`` are saved for the fallback (as autograd saves a convolution's)."""
+        ctx.conv, ctx.slot = conv, slot
+        ctx.save_for_backward(inputs)
+        # An alias rather than a view: in-place ops on the result (ReLU(inplace=True)) stay allowed.
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        """The output's gradient passes through; weight and bias get the slot's gradients or computed ones."""
+        (inputs,) = ctx.saved_tensors
+        slot: GradSlot = ctx.slot
+        weight_grad, bias_grad = slot.weight, slot.bias
+        slot.weight = slot.bias = None
+        if torch.is_grad_enabled():
+            weight_grad = bias_grad = None
+        if ctx.needs_input_grad[1] and weight_grad is None:
+            weight_grad = batch_weight_grad(ctx.conv, inputs, grad_output)
+        if ctx.needs_input_grad[2] and bias_grad is None:
+            bias_grad = grad_output.sum([0, *range(2, grad_output.dim())])
+        return grad_output, weight_grad, bias_grad, None, None, None
 
 
 def conv_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
@@ -140,6 +229,45 @@ def conv_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Ten
         >>> conv_sq_norm(conv, (torch.ones(2, 1, 2, 2),), torch.ones(2, 1, 2, 2))  # (Σ_p 1·1)² = 16
         tensor([16., 16.])
     """
+    return _conv_sq_norm(module, inputs, grad_output, with_grads=False)[0]
+
+
+def conv_sq_norm_and_grads(
+    module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`conv_sq_norm`, and the batch's gradients of weight and bias where the per-example ones were built.
+
+    A batch gradient is the sum of the per-example ones: it costs one sum once they are
+    built. The bias's always are (when it is trainable); the weight's are not when the Gram
+    form was cheaper, and then its batch gradient is ``None``.
+
+    Args:
+        module: a ``Conv1d``, ``Conv2d`` or ``Conv3d``.
+        inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, C_in, *spatial]``.
+        grad_output: the gradient flowing into its output, ``[N, C_out, *spatial_out]``.
+
+    Returns:
+        ``[N]`` squared norms, the weight's and the bias's batch gradients (in the
+        accumulation dtype) or ``None``.
+
+    Raises:
+        TypeError: if ``module`` is not a convolution.
+        ValueError: if the input has no batch dimension.
+
+    Example::
+
+        >>> import torch
+        >>> conv = nn.Conv1d(1, 1, kernel_size=2)
+        >>> x = torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 1.0, 0.0]]])
+        >>> conv_sq_norm_and_grads(conv, (x,), torch.ones(2, 1, 2))  # weights (3, 5) and (1, 1), biases 2 and 2
+        (tensor([38.,  6.]), tensor([[[4., 6.]]]), tensor([4.]))
+    """
+    return _conv_sq_norm(module, inputs, grad_output, with_grads=True)
+
+
+def _conv_sq_norm(
+    module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor, with_grads: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     if not isinstance(module, nn.modules.conv._ConvNd):
         raise TypeError(f"`conv_sq_norm` expects a convolution, but got `{type(module).__name__}`.")
     activation = inputs[0]
@@ -150,18 +278,20 @@ def conv_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Ten
         )
     dtype = accumulation_dtype(grad_output)
     grad = grad_output.to(dtype)
-    result = grad.new_zeros(grad.shape[0])
+    result, weight_grad, bias_grad = grad.new_zeros(grad.shape[0]), None, None
     if module.weight.requires_grad:
-        result = result + _weight_sq_norm(module, activation, grad)
+        path = _weight_path(module, activation, grad)
+        if path == "grouped":
+            weight_sq, weight_grad = _grouped_sq_norm(module, activation, grad, with_grads)
+        else:
+            weight_sq, weight_grad = _unfolded_sq_norm(module, activation, grad, path == "gram", with_grads)
+        result = result + weight_sq
     if module.bias is not None and module.bias.requires_grad:
-        result = result + grad.flatten(2).sum(2).square().sum(1)
-    return result
-
-
-def _weight_sq_norm(conv: nn.modules.conv._ConvNd, activation: Tensor, grad: Tensor) -> Tensor:
-    if _weight_path(conv, activation, grad) == "grouped":
-        return _grouped_sq_norm(conv, activation, grad)
-    return _unfolded_sq_norm(conv, activation, grad)
+        per_example = grad.flatten(2).sum(2)
+        result = result + per_example.square().sum(1)
+        if with_grads:
+            bias_grad = per_example.sum(0)
+    return result, weight_grad, bias_grad
 
 
 def _weight_path(
@@ -177,44 +307,51 @@ def _weight_path(
     return "grouped" if in_per_group >= _GROUPED_MIN_CHANNELS else "unfolded"
 
 
-def _grouped_sq_norm(conv: nn.modules.conv._ConvNd, activation: Tensor, grad: Tensor) -> Tensor:
+def _grouped_sq_norm(
+    conv: nn.modules.conv._ConvNd, activation: Tensor, grad: Tensor, with_grads: bool
+) -> tuple[Tensor, Tensor | None]:
     batch = grad.shape[0]
     chunk = max(1, _GRAD_CHUNK_ELEMENTS // conv.weight.numel())
-    norms = []
+    norms, weight_grad = [], None
     for start in range(0, batch, chunk):
         grads = per_example_weight_grads(
             conv, activation[start : start + chunk].to(grad.dtype), grad[start : start + chunk]
         )
         norms.append(torch.linalg.vector_norm(grads.flatten(1), dim=1).square())
-    return norms[0] if len(norms) == 1 else torch.cat(norms)
+        if with_grads:
+            weight_grad = grads.sum(0) if weight_grad is None else weight_grad + grads.sum(0)
+    return (norms[0] if len(norms) == 1 else torch.cat(norms)), weight_grad
 
 
-def _unfolded_sq_norm(conv: nn.modules.conv._ConvNd, activation: Tensor, grad: Tensor) -> Tensor:
+def _unfolded_sq_norm(
+    conv: nn.modules.conv._ConvNd, activation: Tensor, grad: Tensor, gram: bool, with_grads: bool
+) -> tuple[Tensor, Tensor | None]:
     batch, groups = grad.shape[0], conv.groups
     grad = grad.flatten(2)
     out_per_group, positions = grad.shape[1] // groups, grad.shape[2]
     patch_size = activation.shape[1] * math.prod(conv.kernel_size)
     # The patches are kernel-size times bigger than the input: a few examples at a time stay in cache.
     chunk = max(1, _CHUNK_ELEMENTS // (patch_size * positions))
-    norms = []
+    norms, weight_grad = [], None
     for start in range(0, batch, chunk):
         patches = unfold_patches(conv, activation[start : start + chunk].to(grad.dtype))
         rows = patches.shape[0] * groups
         # Groups are independent blocks of the weight: fold them into the batch of the kernel.
         patches_groups = patches.reshape(rows, -1, positions)
         grad_groups = grad[start : start + chunk].reshape(rows, out_per_group, positions)
-        norms.append(_patches_outer_sq_norm(grad_groups, patches_groups).view(-1, groups).sum(1))
-    return norms[0] if len(norms) == 1 else torch.cat(norms)
-
-
-def _patches_outer_sq_norm(grad: Tensor, patches: Tensor) -> Tensor:
-    """``|Σ_p g_p a_pᵀ|²`` per row of ``[M, L, T]`` gradients and ``[M, K, T]`` patches."""
-    steps, in_features, out_features = patches.shape[2], patches.shape[1], grad.shape[1]
-    if steps * (in_features + out_features) < in_features * out_features:
-        return sum_outer_sq_norm(grad.transpose(1, 2), patches.transpose(1, 2))
-    # [M, K, L]: with few patch rows (an RGB first layer) MKL runs this orientation markedly faster than [M, L, K].
-    outer = torch.bmm(patches, grad.transpose(1, 2))
-    return torch.linalg.vector_norm(outer.flatten(1), dim=1).square()
+        if gram:
+            norms.append(
+                sum_outer_sq_norm(grad_groups.transpose(1, 2), patches_groups.transpose(1, 2)).view(-1, groups).sum(1)
+            )
+            continue
+        # [M, K, L]: with few patch rows (an RGB first layer) MKL runs this orientation markedly faster than [M, L, K].
+        outer = torch.bmm(patches_groups, grad_groups.transpose(1, 2))
+        norms.append(torch.linalg.vector_norm(outer.view(-1, groups * outer[0].numel()), dim=1).square())
+        if with_grads:
+            # Σ over the chunk's examples, per group: [groups, K, L] -> the weight's [C_out, C_in / groups, *kernel].
+            summed = outer.view(-1, groups, *outer.shape[1:]).sum(0).transpose(1, 2).reshape(conv.weight.shape)
+            weight_grad = summed if weight_grad is None else weight_grad + summed
+    return (norms[0] if len(norms) == 1 else torch.cat(norms)), None if gram else weight_grad
 
 
 def _pad(conv: nn.modules.conv._ConvNd, inputs: Tensor, explicit: bool) -> tuple[Tensor, list[int]]:
