@@ -205,8 +205,8 @@ def test_conv_in_chunks(monkeypatch, path):
     grad_output, _ = grad_output_of(layer, inputs, "sum")
     monkeypatch.setattr(conv, "_weight_path", lambda *_: path)
     whole = conv_sq_norm(layer, (inputs,), grad_output)
-    monkeypatch.setattr(conv, "_CHUNK_ELEMENTS", 1000)  # 3 examples of 36 x 25 patches per chunk, one ragged
-    monkeypatch.setattr(conv, "_GRAD_CHUNK_ELEMENTS", 500)  # 2 examples of 216 weights per chunk, one ragged
+    monkeypatch.setattr(conv, "_CHUNK_ELEMENTS", 5400)  # 3 examples of 72 x 25 patches per chunk: 3, 3, 1
+    monkeypatch.setattr(conv, "_GRAD_CHUNK_ELEMENTS", 500)  # 2 examples of 216 weights per chunk: 2, 2, 2, 1
     torch.testing.assert_close(conv_sq_norm(layer, (inputs,), grad_output), whole)
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
@@ -256,6 +256,7 @@ class PerExampleGradNorms:
         self._handles: list[RemovableHandle] = []
         self._captures: dict[int, list[MultiheadAttentionCapture | None]] = {}
         self._fusing: dict[int, list[list[nn.Parameter]]] = {}
+        self._grad_nodes: dict[int, Any] = {}
         self._attached = False
         self._generation = 0
         self._replaying = False
@@ -330,6 +331,7 @@ class PerExampleGradNorms:
         self._reset_backward_state()
         self._captures = {}
         self._fusing = {}
+        self._grad_nodes = {}
         for unit in units:
             if _captures_forward(unit):
                 self._captures[id(unit)] = []
@@ -368,6 +370,7 @@ class PerExampleGradNorms:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._grad_nodes = {}
         self._attached = False
         self._reset_backward_state()
 
@@ -504,7 +507,10 @@ class PerExampleGradNorms:
         replaced = output if slot is not None else None
         if output is None or not self._recording():
             return replaced
-        outputs = [leaf for leaf in tree_leaves(output) if isinstance(leaf, Tensor)]
+        if isinstance(output, Tensor):  # the common case, without walking a pytree
+            outputs = [output]
+        else:
+            outputs = [leaf for leaf in tree_leaves(output) if isinstance(leaf, Tensor)]
         hooked = [i for i, out in enumerate(outputs) if out.requires_grad]
         if not hooked:
             return replaced
@@ -515,22 +521,25 @@ class PerExampleGradNorms:
             )
         device_type = outputs[0].device.type
         autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        # One detached tensor per distinct input, so rules can still tell that q, k and v are the same tensor.
-        detached: dict[int, Tensor] = {}
+        if unit.rule is not None and len(args) == 1 and isinstance(args[0], Tensor):  # the common case
+            call = _Call(unit, (args[0].detach(),), None, len(outputs), autocast, self._generation)
+        else:
+            # One detached tensor per distinct input, so rules can still tell that q, k and v are the same tensor.
+            detached: dict[int, Tensor] = {}
 
-        def detach(value: Any) -> Any:
-            if not isinstance(value, Tensor):
-                return value
-            return detached.setdefault(id(value), value.detach())
+            def detach(value: Any) -> Any:
+                if not isinstance(value, Tensor):
+                    return value
+                return detached.setdefault(id(value), value.detach())
 
-        call = _Call(
-            unit,
-            tree_map(detach, args),
-            tree_map(detach, kwargs) if unit.rule is None else None,
-            len(outputs),
-            autocast,
-            self._generation,
-        )
+            call = _Call(
+                unit,
+                tree_map(detach, args),
+                tree_map(detach, kwargs) if unit.rule is None else None,
+                len(outputs),
+                autocast,
+                self._generation,
+            )
         call.grad_slot = slot
         assert unit.group is not None  # set by attach
         unit.group.pending.add(call)
@@ -599,10 +608,28 @@ class PerExampleGradNorms:
         if group in self._eager:
             raise _late_call_error(group)
         self._eager[group] = self._single_call_sq_norm(call, grads)
-        if _pass_reaches(group.params):
+        if self._pass_reaches(group.params):
             # Done with the inputs: freed now rather than at the end of the pass, autograd reuses their memory for
             # the rest of the backward pass (keeping every layer's input to the end cost a CNN ~10% of a step).
             _release(call)
+
+    def _pass_reaches(self, params: list[nn.Parameter]) -> bool:
+        """Whether the backward pass in progress accumulates a gradient into one of ``params``.
+
+        ``False`` when it cannot tell: ``torch.autograd.grad`` does not say whether it captures a leaf's gradient.
+        """
+        try:
+            return any(torch._C._will_engine_execute_node(self._grad_accumulator(p)) for p in params if p.requires_grad)
+        except RuntimeError:
+            return False
+
+    def _grad_accumulator(self, param: nn.Parameter) -> Any:
+        # Looking the node up builds a view each time; the node lasts as long as someone holds it (autograd keeps
+        # only a weak reference). A stale one is in no graph and answers False: the inputs are then freed at the end.
+        node = self._grad_nodes.get(id(param))
+        if node is None:
+            node = self._grad_nodes[id(param)] = get_gradient_edge(param).node
+        return node
 
     # ------------------------------------------------------------------ backward pass
 
@@ -802,17 +829,6 @@ def _release(call: _Call) -> None:
     call.grad_slot = None
 
 
-def _pass_reaches(params: list[nn.Parameter]) -> bool:
-    """Whether the backward pass in progress accumulates a gradient into one of ``params``.
-
-    ``False`` when it cannot tell: ``torch.autograd.grad`` does not say whether it captures a leaf's gradient.
-    """
-    try:
-        return any(torch._C._will_engine_execute_node(get_gradient_edge(p).node) for p in params if p.requires_grad)
-    except RuntimeError:
-        return False
-
-
 def _fuses_weight_grad(unit: _Unit) -> bool:
     # The built-in convolution rule builds the per-example gradients that autograd would sum anyway.
     return unit.rule is conv_sq_norm and isinstance(unit.module, nn.modules.conv._ConvNd)
@@ -853,11 +869,8 @@ def _late_call_error(group: _Group) -> RuntimeError:
     )
 
 
-@contextlib.contextmanager
-def _autocast_off(device_type: str) -> Iterator[None]:
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
     # Rules accumulate in float32; an autocast region still active in backward would downcast their matmuls.
     if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            yield
-    else:
-        yield
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

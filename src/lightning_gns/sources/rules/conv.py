@@ -18,6 +18,11 @@ Its squared norm is taken one of three ways, chosen per call from the shapes alo
 The unfolding is written once for any number of spatial dims (strided views, one copy at
 the end); every path honours stride, padding (including ``"same"`` and non-zero padding
 modes), dilation and groups.
+
+The batch gradients of weight and bias are the sums of the per-example ones: where those
+are built, :func:`conv_sq_norm_and_grads` returns the sums too, and the per-example engine
+hands them to autograd through :class:`ConvParamGrads` instead of having autograd compute
+them a second time.
 """
 
 from __future__ import annotations
@@ -276,22 +281,23 @@ def _conv_sq_norm(
             f"Per-example norms need a batch dimension, but `{type(module).__name__}` got an input of shape "
             f"{tuple(activation.shape)}. Feed batched inputs of shape [N, C, *spatial]."
         )
-    dtype = accumulation_dtype(grad_output)
-    grad = grad_output.to(dtype)
-    result, weight_grad, bias_grad = grad.new_zeros(grad.shape[0]), None, None
+    grad = grad_output.to(accumulation_dtype(grad_output))
+    terms, weight_grad, bias_grad = [], None, None
     if module.weight.requires_grad:
         path = _weight_path(module, activation, grad)
         if path == "grouped":
             weight_sq, weight_grad = _grouped_sq_norm(module, activation, grad, with_grads)
         else:
             weight_sq, weight_grad = _unfolded_sq_norm(module, activation, grad, path == "gram", with_grads)
-        result = result + weight_sq
+        terms.append(weight_sq)
     if module.bias is not None and module.bias.requires_grad:
         per_example = grad.flatten(2).sum(2)
-        result = result + per_example.square().sum(1)
+        terms.append(per_example.square().sum(1))
         if with_grads:
             bias_grad = per_example.sum(0)
-    return result, weight_grad, bias_grad
+    if not terms:
+        return grad.new_zeros(grad.shape[0]), None, None
+    return (terms[0] if len(terms) == 1 else terms[0] + terms[1]), weight_grad, bias_grad
 
 
 def _weight_path(
@@ -311,7 +317,7 @@ def _grouped_sq_norm(
     conv: nn.modules.conv._ConvNd, activation: Tensor, grad: Tensor, with_grads: bool
 ) -> tuple[Tensor, Tensor | None]:
     batch = grad.shape[0]
-    chunk = max(1, _GRAD_CHUNK_ELEMENTS // conv.weight.numel())
+    chunk = _chunk_size(batch, _GRAD_CHUNK_ELEMENTS // conv.weight.numel())
     norms, weight_grad = [], None
     for start in range(0, batch, chunk):
         grads = per_example_weight_grads(
@@ -331,7 +337,7 @@ def _unfolded_sq_norm(
     out_per_group, positions = grad.shape[1] // groups, grad.shape[2]
     patch_size = activation.shape[1] * math.prod(conv.kernel_size)
     # The patches are kernel-size times bigger than the input: a few examples at a time stay in cache.
-    chunk = max(1, _CHUNK_ELEMENTS // (patch_size * positions))
+    chunk = _chunk_size(batch, _CHUNK_ELEMENTS // (patch_size * positions))
     norms, weight_grad = [], None
     for start in range(0, batch, chunk):
         patches = unfold_patches(conv, activation[start : start + chunk].to(grad.dtype))
@@ -352,6 +358,15 @@ def _unfolded_sq_norm(
             summed = outer.view(-1, groups, *outer.shape[1:]).sum(0).transpose(1, 2).reshape(conv.weight.shape)
             weight_grad = summed if weight_grad is None else weight_grad + summed
     return (norms[0] if len(norms) == 1 else torch.cat(norms)), None if gram else weight_grad
+
+
+def _chunk_size(batch: int, most: int) -> int:
+    """Examples per chunk: at most ``most`` (at least one), the chunks as equal as can be.
+
+    A last chunk of a few examples would run the kernels at a fraction of their speed.
+    """
+    chunks = -(-batch // max(1, most))
+    return -(-batch // chunks)
 
 
 def _pad(conv: nn.modules.conv._ConvNd, inputs: Tensor, explicit: bool) -> tuple[Tensor, list[int]]:
