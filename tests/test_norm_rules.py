@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from lightning_gns.sources.rules import conv, get_call_rule, get_norm_rule, linear, register_norm_rule, registry
+from lightning_gns.sources.rules import (
+    conv,
+    get_call_rule,
+    get_norm_rule,
+    linear,
+    normalization,
+    register_norm_rule,
+    registry,
+)
 from lightning_gns.sources.rules.attention import multihead_attention_sq_norm
 from lightning_gns.sources.rules.conv import conv_sq_norm, unfold_patches
 from lightning_gns.sources.rules.embedding import embedding_sq_norm
@@ -305,6 +313,8 @@ def test_embedding_padding_row_gets_nothing_and_frozen_gives_zero():
         (nn.GroupNorm(2, 4), (3, 4, 5)),
         (nn.GroupNorm(1, 4), (3, 4, 2, 3)),
         (nn.GroupNorm(4, 4), (1, 4, 6)),
+        (nn.GroupNorm(2, 6), (3, 6)),
+        (nn.GroupNorm(3, 6, eps=1e-2), (2, 6, 2, 2, 3)),
         (nn.InstanceNorm1d(3, affine=True), (4, 3, 5)),
         (nn.InstanceNorm2d(3, affine=True, track_running_stats=True), (4, 3, 3, 3)),
     ],
@@ -316,6 +326,27 @@ def test_norm_layers_match_exact(layer, shape, reduction):
     # vmap cannot update running statistics in place: that layer gets the per-example backward truth.
     truth = "backward" if getattr(layer, "track_running_stats", False) else "vmap"
     check_rule(layer, 3 * torch.randn(*shape, dtype=torch.float64) + 1, reduction, truth)
+
+
+@pytest.mark.parametrize("trainable", ["weight", "bias", "both"])
+def test_group_norm_with_frozen_parts_in_float32(trainable):
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(4, 8)
+    layer.weight.requires_grad_(trainable != "bias")
+    layer.bias.requires_grad_(trainable != "weight")
+    check_rule(layer, 3 * torch.randn(5, 8, 6, 7) + 2, "mean")
+
+
+def test_group_norm_from_the_forward_statistics():
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(3, 6).double()
+    inputs = (3 * torch.randn(4, 6, 5, dtype=torch.float64) + 1).requires_grad_(True)
+    out = layer(inputs)
+    grad_output = torch.randn_like(out)
+    # What the forward computed: the layer's own statistics, [N, G].
+    _, mean, rstd = torch.native_group_norm(inputs.detach(), None, None, 4, 6, 5, 3, layer.eps)
+    got = normalization.group_norm_sq_norm_from_stats(layer, (inputs.detach(),), grad_output, (mean, rstd))
+    torch.testing.assert_close(got, group_norm_sq_norm(layer, (inputs.detach(),), grad_output), rtol=1e-12, atol=0)
 
 
 def test_instance_norm_in_eval_uses_running_statistics():

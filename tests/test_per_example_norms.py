@@ -597,3 +597,23 @@ def test_inputs_are_released_as_soon_as_measured():
         out.sum().backward()
     assert held == [[False, False, False]]
     assert len(norms) == 1
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_group_norm_reuses_the_forward_statistics(monkeypatch, checkpointed):
+    seen: list[bool] = []
+    original = per_example_norms.group_norm_sq_norm_from_stats
+
+    def spy(module, inputs, grad_output, stats):
+        seen.append(stats is not None)
+        return original(module, inputs, grad_output, stats)
+
+    monkeypatch.setattr(per_example_norms, "group_norm_sq_norm_from_stats", spy)
+    model = SmallCNN()
+    x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))
+    with PerExampleGradNorms(model) as norms:
+        features = checkpoint(model.features, x, use_reentrant=False) if checkpointed else model.features(x)
+        cross_entropy_per_example(model.head(features.mean((2, 3))), y).sum().backward()
+    # Checkpointing lets each saved tensor be unpacked once, by the layer's backward: the rule recomputes them.
+    assert seen == ([] if checkpointed else [True, True])
+    assert_close(norms.sq_norms(), sq_norms_by_vmap(model, cross_entropy_per_example, x, y))

@@ -56,7 +56,13 @@ from lightning_gns.sources.rules.attention import (
 )
 from lightning_gns.sources.rules.conv import ConvParamGrads, GradSlot, conv_sq_norm, conv_sq_norm_and_grads
 from lightning_gns.sources.rules.fallback import BatchLayout, batch_layout, per_example_grads, sq_norm_of_grads
-from lightning_gns.sources.rules.normalization import batch_norm_coupling_error, batch_norm_uses_batch_statistics
+from lightning_gns.sources.rules.normalization import (
+    batch_norm_coupling_error,
+    batch_norm_uses_batch_statistics,
+    group_norm_saved_stats,
+    group_norm_sq_norm,
+    group_norm_sq_norm_from_stats,
+)
 from lightning_gns.sources.rules.registry import CallRule, NormRule, get_call_rule, get_norm_rule
 
 __all__ = ["NormRuleFallbackWarning", "PerExampleGradNorms", "SqNormRecord", "UnmeasuredParameterWarning"]
@@ -129,6 +135,7 @@ class _Call:
         "generation",
         "grad_slot",
         "kwargs",
+        "node",
         "num_outputs",
         "unit",
     )
@@ -154,6 +161,8 @@ class _Call:
         # Set when autograd left the parameter gradients to the rule (fuse_weight_grads): the sums of the
         # per-example gradients that the rule builds go here.
         self.grad_slot: GradSlot | None = None
+        # The autograd node of the output, for a rule that reads what the forward saved (GroupNorm's statistics).
+        self.node: Any = None
 
 
 class PerExampleGradNorms:
@@ -541,6 +550,8 @@ class PerExampleGradNorms:
                 self._generation,
             )
         call.grad_slot = slot
+        if unit.rule is group_norm_sq_norm and _saves_tensors_plainly():
+            call.node = outputs[0].grad_fn
         assert unit.group is not None  # set by attach
         unit.group.pending.add(call)
         if captured is not None and outputs[0].requires_grad:
@@ -712,6 +723,9 @@ class PerExampleGradNorms:
                 if slot is not None:
                     sq_norms, slot.weight, slot.bias = conv_sq_norm_and_grads(unit.module, call.args, grad_output)
                     return sq_norms
+                if call.node is not None:
+                    stats = group_norm_saved_stats(call.node, unit.module, grad_output)
+                    return group_norm_sq_norm_from_stats(unit.module, call.args, grad_output, stats)
                 return unit.rule(unit.module, call.args, grad_output)
         if call.captured is not None:
             with torch.no_grad(), _autocast_off(_device_type(grads)):
@@ -827,6 +841,13 @@ def _release(call: _Call) -> None:
     call.kwargs = None
     call.captured = None
     call.grad_slot = None
+    call.node = None
+
+
+def _saves_tensors_plainly() -> bool:
+    # Reading what a node saved unpacks it; saved-tensor hooks (checkpointing, offloading) may allow that only once.
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is None
 
 
 def _fuses_weight_grad(unit: _Unit) -> bool:

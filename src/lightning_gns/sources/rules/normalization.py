@@ -12,6 +12,8 @@ gradients are then not per-example quantities, so the rule refuses it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -168,12 +170,105 @@ def group_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_outpu
         >>> group_norm_sq_norm(gn, (x,), torch.ones(1, 2, 1))  # |g⊙x̂|² + |g|² ≈ 2 + 2
         tensor([4.0000])
     """
+    return group_norm_sq_norm_from_stats(module, inputs, grad_output, None)
+
+
+def group_norm_sq_norm_from_stats(
+    module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor, stats: tuple[Tensor, Tensor] | None
+) -> Tensor:
+    """:func:`group_norm_sq_norm`, with the forward's statistics when they are at hand.
+
+    The layer's own backward kernel computes every example's gradient at once when the
+    examples are stacked along the channels (one example of ``N·C`` channels in ``N·G``
+    groups, the same groups as before): its weight and bias gradients are then per example
+    and channel. One fused pass over input and output gradient, exact as autograd is.
+
+    Args:
+        module: the layer.
+        inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, C, *]``.
+        grad_output: the gradient flowing into its output, same shape.
+        stats: the mean and reciprocal standard deviation of the forward, ``[N, G]`` each
+            (in the accumulation dtype), or ``None`` to compute them.
+
+    Returns:
+        ``[N]`` squared norms over the layer's trainable parameters.
+
+    Raises:
+        TypeError: if ``module`` is not a GroupNorm.
+        ValueError: if the input has no batch dimension.
+
+    Example::
+
+        >>> gn = nn.GroupNorm(1, 2)
+        >>> x = torch.tensor([[[1.0], [-1.0]]])
+        >>> mean, rstd = torch.zeros(1, 1), torch.ones(1, 1)  # x̂ = x
+        >>> group_norm_sq_norm_from_stats(gn, (x,), torch.ones(1, 2, 1), (mean, rstd))  # |g⊙x̂|² + |g|² = 2 + 2
+        tensor([4.])
+    """
     if not isinstance(module, nn.GroupNorm):
         raise TypeError(f"`group_norm_sq_norm` expects an nn.GroupNorm, but got `{type(module).__name__}`.")
     _require_batch(module, inputs[0], 2, "[N, C, *]")
+    weight, bias = module.weight, module.bias
+    mask = [False, isinstance(weight, Tensor) and weight.requires_grad, isinstance(bias, Tensor) and bias.requires_grad]
     dtype = accumulation_dtype(grad_output)
-    normalized = F.group_norm(inputs[0].to(dtype), module.num_groups, None, None, module.eps)
-    return _affine_sq_norm(module, normalized, grad_output.to(dtype), tuple(range(2, grad_output.dim())))
+    batch, channels = grad_output.shape[:2]
+    if not any(mask):
+        return grad_output.new_zeros(batch, dtype=dtype)
+    size, groups = batch * channels, batch * module.num_groups
+    positions = grad_output[0, 0].numel()
+    stacked = inputs[0].to(dtype).reshape(1, size, positions).contiguous()
+    if stats is None:
+        _, mean, rstd = torch.native_group_norm(stacked, None, None, 1, size, positions, groups, module.eps)
+    else:
+        mean, rstd = stats[0].reshape(1, groups), stats[1].reshape(1, groups)
+    # The kernel wants a weight even when it computes no input gradient; an expanded scalar allocates nothing.
+    ones = stacked.new_ones(1).expand(size)
+    grad = grad_output.to(dtype).reshape(1, size, positions).contiguous()
+    _, weight_grad, bias_grad = torch.ops.aten.native_group_norm_backward(
+        grad, stacked, mean, rstd, ones, 1, size, positions, groups, mask
+    )
+    result = grad.new_zeros(batch)
+    for per_channel in (weight_grad, bias_grad):
+        if per_channel is not None:
+            result = result + per_channel.view(batch, channels).square().sum(1)
+    return result
+
+
+def group_norm_saved_stats(node: Any, module: nn.Module, grad_output: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The statistics that a GroupNorm's forward saved for its backward, if ``node`` is that backward.
+
+    They spare :func:`group_norm_sq_norm_from_stats` a pass over the input. Autograd exposes
+    what a node saved as ``_saved_*`` attributes; for ``native_group_norm`` the mean and
+    reciprocal standard deviation are its second and third outputs. Anything unexpected
+    (another node, another PyTorch, other shapes or dtypes) gives ``None``: the caller then
+    computes them.
+
+    Args:
+        node: the ``grad_fn`` of the layer's output, taken right after its forward.
+        module: the layer.
+        grad_output: the gradient flowing into its output, ``[N, C, *]``.
+
+    Returns:
+        ``([N, G], [N, G])`` mean and reciprocal standard deviation, or ``None``.
+
+    Example::
+
+        >>> gn = nn.GroupNorm(1, 2)
+        >>> out = gn(torch.tensor([[[3.0], [1.0]]]))
+        >>> group_norm_saved_stats(out.grad_fn, gn, torch.ones(1, 2, 1))  # mean 2, standard deviation 1
+        (tensor([[2.]]), tensor([[1.0000]]))
+    """
+    if type(node).__name__ != "NativeGroupNormBackward0" or not isinstance(module, nn.GroupNorm):
+        return None
+    try:
+        mean, rstd = node._saved_result1, node._saved_result2
+    except (AttributeError, RuntimeError):  # renamed, or already freed
+        return None
+    shape = (grad_output.shape[0], module.num_groups)
+    dtype = accumulation_dtype(grad_output)
+    if not all(isinstance(t, Tensor) and t.shape == shape and t.dtype == dtype for t in (mean, rstd)):
+        return None
+    return mean.detach(), rstd.detach()
 
 
 def instance_norm_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
