@@ -194,9 +194,8 @@ class PerExampleGradNorms:
             (after a backward pass).
         fuse_weight_grads: let the convolution rule supply the batch gradients of weight and
             bias, as the sums of the per-example gradients it builds anyway, instead of
-            autograd computing them a second time (on the benchmark CNN this removes about 40% of the
-            overhead).
-            During the forward of a measured convolution, its weight and bias then have
+            autograd computing them a second time (on the benchmark CNN this removes almost half
+            of the overhead). During the forward of a measured convolution, its weight and bias then have
             ``requires_grad`` switched off, and a node on its output hands autograd their
             gradients; ``.grad``, accumulation, parameter hooks and DDP see the same
             gradients as without (to float rounding: the sum runs in another order).

@@ -5,6 +5,9 @@ For an affine normalisation ``y = x̂ ⊙ γ + β`` the per-example gradients ar
 positions that share one entry of ``γ`` (sequence positions for LayerNorm, spatial
 positions for the channel-wise norms). The rules recompute ``x̂`` from the input with
 the layer's own functional form, in float32 (or float64), without the affine part.
+GroupNorm instead runs the layer's own backward kernel on the examples stacked along the
+channels, from the statistics its forward saved when the engine can hand them over
+(:func:`group_norm_sq_norm_from_stats`).
 
 BatchNorm that normalises with batch statistics couples the examples of a batch: their
 gradients are then not per-example quantities, so the rule refuses it.
