@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +12,15 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from lightning_gns.sources.rules import conv, get_call_rule, get_norm_rule, linear, register_norm_rule, registry
+from lightning_gns.sources.rules import (
+    conv,
+    get_call_rule,
+    get_norm_rule,
+    linear,
+    normalization,
+    register_norm_rule,
+    registry,
+)
 from lightning_gns.sources.rules.attention import multihead_attention_sq_norm
 from lightning_gns.sources.rules.conv import conv_sq_norm, unfold_patches
 from lightning_gns.sources.rules.embedding import embedding_sq_norm
@@ -145,11 +156,13 @@ def test_linear_refuses_unbatched_input():
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
-@HYPOTHESIS
+@settings(deadline=None, max_examples=60)  # three paths times the geometry
 @given(
     dims=st.sampled_from([1, 2, 3]),
     batch=st.integers(1, 3),
     groups=st.sampled_from([1, 2]),
+    in_per_group=st.sampled_from([1, 2, 9]),
+    out_per_group=st.sampled_from([1, 2, 17]),
     kernel=st.integers(1, 3),
     stride=st.integers(1, 2),
     dilation=st.integers(1, 2),
@@ -157,10 +170,24 @@ def test_linear_refuses_unbatched_input():
     padding_mode=st.sampled_from(["zeros", "reflect", "circular"]),
     bias=st.booleans(),
     reduction=st.sampled_from(["sum", "mean"]),
+    path=st.sampled_from(["auto", "grouped", "unfolded"]),
     weighted=st.booleans(),
 )
 def test_conv_matches_exact(
-    dims, batch, groups, kernel, stride, dilation, padding, padding_mode, bias, reduction, weighted
+    dims,
+    batch,
+    groups,
+    in_per_group,
+    out_per_group,
+    kernel,
+    stride,
+    dilation,
+    padding,
+    padding_mode,
+    bias,
+    reduction,
+    path,
+    weighted,
 ):
     if padding == "same":
         stride = 1  # PyTorch refuses padding="same" with strides
@@ -168,8 +195,8 @@ def test_conv_matches_exact(
     conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
     size = 6 if dims < 3 else 5
     layer = conv_cls(
-        2 * groups,
-        2 * groups,
+        in_per_group * groups,
+        out_per_group * groups,
         kernel,
         stride=stride,
         padding=padding,
@@ -178,9 +205,52 @@ def test_conv_matches_exact(
         bias=bias,
         padding_mode=padding_mode,
     ).double()
-    check_rule(
-        layer, torch.randn(batch, 2 * groups, *(size,) * dims, dtype=torch.float64), reduction, weighted=weighted
+    inputs = torch.randn(batch, in_per_group * groups, *(size,) * dims, dtype=torch.float64)
+    # "auto" takes the path the shapes choose (all three occur over the drawn shapes); the others force one.
+    forced = mock.patch.object(conv, "_weight_path", return_value=path) if path != "auto" else contextlib.nullcontext()
+    with forced:
+        check_rule(layer, inputs, reduction, weighted=weighted)
+
+
+@pytest.mark.parametrize(
+    ("layer", "size", "path"),
+    [
+        (nn.Conv2d(3, 32, 3, padding=1), 32, "unfolded"),  # an RGB first layer: 3 channels are too few to group
+        (nn.Conv2d(32, 64, 3, stride=2, padding=1), 32, "grouped"),
+        (nn.Conv2d(64, 64, 3, stride=2, padding=1), 16, "grouped"),
+        (nn.Conv2d(128, 128, 3, padding=1), 8, "gram"),  # 64 positions against 1152 x 128 weights
+        (nn.Conv2d(4, 8, 3, padding=1, groups=4), 8, "unfolded"),  # one channel per group
+    ],
+)
+def test_conv_path_choice_and_float32(layer, size, path):
+    torch.manual_seed(0)
+    inputs = torch.randn(3, layer.in_channels, size, size)
+    grad_output, _ = grad_output_of(layer, inputs, "sum")
+    assert conv._weight_path(layer, inputs, grad_output) == path
+    check_rule(layer, inputs, "sum")
+
+
+@pytest.mark.parametrize("path", ["grouped", "unfolded"])
+def test_conv_in_chunks(monkeypatch, path):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(8, 6, 3, padding=1, groups=2).double()
+    inputs = torch.randn(7, 8, 5, 5, dtype=torch.float64)
+    grad_output, _ = grad_output_of(layer, inputs, "sum")
+    monkeypatch.setattr(conv, "_weight_path", lambda *_: path)
+    whole = conv_sq_norm(layer, (inputs,), grad_output)
+    monkeypatch.setattr(conv, "_CHUNK_ELEMENTS", 5400)  # 3 examples of 72 x 25 patches per chunk: 3, 3, 1
+    monkeypatch.setattr(conv, "_GRAD_CHUNK_ELEMENTS", 500)  # 2 examples of 216 weights per chunk: 2, 2, 2, 1
+    torch.testing.assert_close(conv_sq_norm(layer, (inputs,), grad_output), whole)
+
+
+def test_per_example_weight_grads_match_exact():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding="valid", dilation=(1, 2), groups=2, padding_mode="reflect")
+    inputs, grad_output = torch.randn(3, 4, 9, 8), torch.randn(3, 6, 4, 6)
+    expected = torch.stack(
+        [torch.autograd.grad(layer(inputs[i : i + 1]), layer.weight, grad_output[i : i + 1])[0] for i in range(3)]
     )
+    torch.testing.assert_close(conv.per_example_weight_grads(layer, inputs, grad_output), expected)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -283,6 +353,8 @@ def test_embedding_padding_row_gets_nothing_and_frozen_gives_zero():
         (nn.GroupNorm(2, 4), (3, 4, 5)),
         (nn.GroupNorm(1, 4), (3, 4, 2, 3)),
         (nn.GroupNorm(4, 4), (1, 4, 6)),
+        (nn.GroupNorm(2, 6), (3, 6)),
+        (nn.GroupNorm(3, 6, eps=1e-2), (2, 6, 2, 2, 3)),
         (nn.InstanceNorm1d(3, affine=True), (4, 3, 5)),
         (nn.InstanceNorm2d(3, affine=True, track_running_stats=True), (4, 3, 3, 3)),
     ],
@@ -295,6 +367,27 @@ def test_norm_layers_match_exact(layer, shape, reduction, weighted):
     # vmap cannot update running statistics in place: that layer gets the per-example backward truth.
     truth = "backward" if getattr(layer, "track_running_stats", False) else "vmap"
     check_rule(layer, 3 * torch.randn(*shape, dtype=torch.float64) + 1, reduction, truth, weighted=weighted)
+
+
+@pytest.mark.parametrize("trainable", ["weight", "bias", "both"])
+def test_group_norm_with_frozen_parts_in_float32(trainable):
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(4, 8)
+    layer.weight.requires_grad_(trainable != "bias")
+    layer.bias.requires_grad_(trainable != "weight")
+    check_rule(layer, 3 * torch.randn(5, 8, 6, 7) + 2, "mean")
+
+
+def test_group_norm_from_the_forward_statistics():
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(3, 6).double()
+    inputs = (3 * torch.randn(4, 6, 5, dtype=torch.float64) + 1).requires_grad_(True)
+    out = layer(inputs)
+    grad_output = torch.randn_like(out)
+    # What the forward computed: the layer's own statistics, [N, G].
+    _, mean, rstd = torch.native_group_norm(inputs.detach(), None, None, 4, 6, 5, 3, layer.eps)
+    got = normalization.group_norm_sq_norm_from_stats(layer, (inputs.detach(),), grad_output, (mean, rstd))
+    torch.testing.assert_close(got, group_norm_sq_norm(layer, (inputs.detach(),), grad_output), rtol=1e-12, atol=0)
 
 
 def test_instance_norm_in_eval_uses_running_statistics():

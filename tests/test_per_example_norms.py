@@ -653,3 +653,36 @@ def test_a_rule_without_weights_is_replayed_when_preconditioned(monkeypatch):
     with pytest.warns(NormRuleFallbackWarning, match=r"ScaledLinear.*takes no `weights`"):
         norms = measure(model, x, y, "sum", preconditioner=_preconditioner(model, weights))
     assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y, weights))
+
+
+def test_inputs_are_released_as_soon_as_measured():
+    # Each layer's input is dropped once its norm is taken, not at the end of the pass: autograd reuses the memory.
+    model = MLP()
+    x = torch.randn(4, 6, requires_grad=True)
+    held: list[list[bool]] = []
+    with PerExampleGradNorms(model) as norms:
+        out = model(x)
+        x.register_hook(lambda _: held.append([call.args is not None for call in norms._fired]))
+        out.sum().backward()
+    assert held == [[False, False, False]]
+    assert len(norms) == 1
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_group_norm_reuses_the_forward_statistics(monkeypatch, checkpointed):
+    seen: list[bool] = []
+    original = per_example_norms.group_norm_sq_norm_from_stats
+
+    def spy(module, inputs, grad_output, stats, **kwargs):
+        seen.append(stats is not None)
+        return original(module, inputs, grad_output, stats, **kwargs)
+
+    monkeypatch.setattr(per_example_norms, "group_norm_sq_norm_from_stats", spy)
+    model = SmallCNN()
+    x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))
+    with PerExampleGradNorms(model) as norms:
+        features = checkpoint(model.features, x, use_reentrant=False) if checkpointed else model.features(x)
+        cross_entropy_per_example(model.head(features.mean((2, 3))), y).sum().backward()
+    # Checkpointing lets each saved tensor be unpacked once, by the layer's backward: the rule recomputes them.
+    assert seen == ([] if checkpointed else [True, True])
+    assert_close(norms.sq_norms(), sq_norms_by_vmap(model, cross_entropy_per_example, x, y))

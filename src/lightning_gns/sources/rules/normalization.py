@@ -5,6 +5,9 @@ For an affine normalisation ``y = x̂ ⊙ γ + β`` the per-example gradients ar
 positions that share one entry of ``γ`` (sequence positions for LayerNorm, spatial
 positions for the channel-wise norms). The rules recompute ``x̂`` from the input with
 the layer's own functional form, in float32 (or float64), without the affine part.
+GroupNorm instead runs the layer's own backward kernel on the examples stacked along the
+channels, from the statistics its forward saved when the engine can hand them over
+(:func:`group_norm_sq_norm_from_stats`).
 
 With elementwise weights :math:`W` on the squared gradient entries (a preconditioner's
 :math:`P^2`) the sums above are squared entrywise and weighted by :math:`W` before they are
@@ -17,6 +20,7 @@ gradients are then not per-example quantities, so the rule refuses it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,11 +72,13 @@ def _affine_sq_norm(
     """Squared norms of ``Σ g ⊙ x̂`` (weight) and ``Σ g`` (bias) summed over ``reduce_dims``, optionally weighted.
 
     What remains after the sum has the parameter's shape (per example), so a weight broadcasts onto it.
+    ``normalized`` is the rule's own temporary: it is overwritten with ``g ⊙ x̂`` (a fresh
+    activation-sized buffer would cost more than the product itself).
     """
     result = grad.new_zeros(grad.shape[0])
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if isinstance(weight, Tensor) and weight.requires_grad:
-        summed = _sum_keep_batch(grad * normalized, reduce_dims)
+        summed = _sum_keep_batch(normalized.mul_(grad), reduce_dims)
         result = result + weighted_sum_sq(summed, _shaped(param_weight(weights, "weight", grad.dtype), summed))
     if isinstance(bias, Tensor) and bias.requires_grad:
         summed = _sum_keep_batch(grad, reduce_dims)
@@ -192,12 +198,111 @@ def group_norm_sq_norm(
         >>> group_norm_sq_norm(gn, (x,), torch.ones(1, 2, 1))  # |g⊙x̂|² + |g|² ≈ 2 + 2
         tensor([4.0000])
     """
+    return group_norm_sq_norm_from_stats(module, inputs, grad_output, None, weights=weights)
+
+
+def group_norm_sq_norm_from_stats(
+    module: nn.Module,
+    inputs: tuple[Tensor, ...],
+    grad_output: Tensor,
+    stats: tuple[Tensor, Tensor] | None,
+    *,
+    weights: Weights = None,
+) -> Tensor:
+    """:func:`group_norm_sq_norm`, with the forward's statistics when they are at hand.
+
+    The layer's own backward kernel computes every example's gradient at once when the
+    examples are stacked along the channels (one example of ``N·C`` channels in ``N·G``
+    groups, the same groups as before): its weight and bias gradients are then per example
+    and channel. One fused pass over input and output gradient, exact as autograd is.
+
+    Args:
+        module: the layer.
+        inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, C, *]``.
+        grad_output: the gradient flowing into its output, same shape.
+        stats: the mean and reciprocal standard deviation of the forward, ``[N, G]`` each
+            (in the accumulation dtype), or ``None`` to compute them.
+        weights: elementwise weights of the squared gradient entries by parameter name, or ``None``.
+
+    Returns:
+        ``[N]`` squared norms over the layer's trainable parameters.
+
+    Raises:
+        TypeError: if ``module`` is not a GroupNorm.
+        ValueError: if the input has no batch dimension.
+
+    Example::
+
+        >>> gn = nn.GroupNorm(1, 2)
+        >>> x = torch.tensor([[[1.0], [-1.0]]])
+        >>> mean, rstd = torch.zeros(1, 1), torch.ones(1, 1)  # x̂ = x
+        >>> group_norm_sq_norm_from_stats(gn, (x,), torch.ones(1, 2, 1), (mean, rstd))  # |g⊙x̂|² + |g|² = 2 + 2
+        tensor([4.])
+    """
     if not isinstance(module, nn.GroupNorm):
         raise TypeError(f"`group_norm_sq_norm` expects an nn.GroupNorm, but got `{type(module).__name__}`.")
     _require_batch(module, inputs[0], 2, "[N, C, *]")
+    weight, bias = module.weight, module.bias
+    mask = [False, isinstance(weight, Tensor) and weight.requires_grad, isinstance(bias, Tensor) and bias.requires_grad]
     dtype = accumulation_dtype(grad_output)
-    normalized = F.group_norm(inputs[0].to(dtype), module.num_groups, None, None, module.eps)
-    return _affine_sq_norm(module, normalized, grad_output.to(dtype), tuple(range(2, grad_output.dim())), weights)
+    batch, channels = grad_output.shape[:2]
+    if not any(mask):
+        return grad_output.new_zeros(batch, dtype=dtype)
+    size, groups = batch * channels, batch * module.num_groups
+    positions = grad_output[0, 0].numel()
+    stacked = inputs[0].to(dtype).reshape(1, size, positions).contiguous()
+    if stats is None:
+        _, mean, rstd = torch.native_group_norm(stacked, None, None, 1, size, positions, groups, module.eps)
+    else:
+        mean, rstd = stats[0].reshape(1, groups), stats[1].reshape(1, groups)
+    # The kernel wants a weight even when it computes no input gradient; an expanded scalar allocates nothing.
+    ones = stacked.new_ones(1).expand(size)
+    grad = grad_output.to(dtype).reshape(1, size, positions).contiguous()
+    _, weight_grad, bias_grad = torch.ops.aten.native_group_norm_backward(
+        grad, stacked, mean, rstd, ones, 1, size, positions, groups, mask
+    )
+    result = grad.new_zeros(batch)
+    for name, per_channel in (("weight", weight_grad), ("bias", bias_grad)):
+        if per_channel is not None:
+            result = result + weighted_sum_sq(per_channel.view(batch, channels), param_weight(weights, name, dtype))
+    return result
+
+
+def group_norm_saved_stats(node: Any, module: nn.Module, grad_output: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The statistics that a GroupNorm's forward saved for its backward, if ``node`` is that backward.
+
+    They spare :func:`group_norm_sq_norm_from_stats` a pass over the input. Autograd exposes
+    what a node saved as ``_saved_*`` attributes; for ``native_group_norm`` the mean and
+    reciprocal standard deviation are its second and third outputs. Anything unexpected
+    (another node, another PyTorch, other shapes or dtypes) gives ``None``: the caller then
+    computes them.
+
+    Args:
+        node: the ``grad_fn`` of the layer's output, taken right after its forward.
+        module: the layer.
+        grad_output: the gradient flowing into its output, ``[N, C, *]``.
+
+    Returns:
+        ``([N, G], [N, G])`` mean and reciprocal standard deviation, or ``None``.
+
+    Example::
+
+        >>> gn = nn.GroupNorm(1, 2)
+        >>> out = gn(torch.tensor([[[3.0], [1.0]]]))
+        >>> group_norm_saved_stats(out.grad_fn, gn, torch.ones(1, 2, 1))  # mean 2, standard deviation 1
+        (tensor([[2.]]), tensor([[1.0000]]))
+    """
+    if type(node).__name__ != "NativeGroupNormBackward0" or not isinstance(module, nn.GroupNorm):
+        return None
+    try:
+        mean, rstd = node._saved_result1, node._saved_result2
+    except (AttributeError, RuntimeError):  # renamed, or already freed
+        return None
+    shape = (grad_output.shape[0], module.num_groups)
+    dtype = accumulation_dtype(grad_output)
+    if not all(isinstance(t, Tensor) and t.shape == shape and t.dtype == dtype for t in (mean, rstd)):
+        return None
+    return mean.detach(), rstd.detach()
 
 
 def instance_norm_sq_norm(

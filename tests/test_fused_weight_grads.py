@@ -1,0 +1,373 @@
+"""Convolutions whose weight gradient the engine sums from the per-example ones (``fuse_weight_grads``).
+
+Autograd skips those weights' gradients and a node on the output hands in the rule's sum instead: whatever the
+model does around the layer, ``.grad`` must be what plain autograd leaves there (to float rounding: the sum runs
+in another order), and the per-example norms stay exact.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lightning_gns.sources.per_example_norms import (
+    NormRuleFallbackWarning,
+    PerExampleGradNorms,
+    UnmeasuredParameterWarning,
+)
+from lightning_gns.sources.rules import conv
+from tests.conftest import NUM_PROCESSES, free_port, setup_ddp
+from tests.helpers.per_example import (
+    SmallCNN,
+    cross_entropy_per_example,
+    random_weights,
+    sq_norms_by_loop,
+    sq_norms_by_vmap,
+)
+
+Step = Callable[[nn.Module], None]
+
+
+def grads(model: nn.Module) -> dict[str, Tensor | None]:
+    return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_same_grads(got: dict[str, Tensor | None], expected: dict[str, Tensor | None], rtol: float = 1e-5) -> None:
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        if value is None:
+            assert got[name] is None, name
+        else:
+            assert got[name] is not None, name
+            torch.testing.assert_close(got[name], value, rtol=rtol, atol=1e-7 * value.abs().max(), msg=name)
+
+
+def compare(model: nn.Module, step: Step, **engine_kwargs) -> PerExampleGradNorms:
+    """Run ``step`` on a copy with the engine and on a plain copy; their ``.grad`` must agree."""
+    plain = copy.deepcopy(model)
+    step(plain)
+    measured = copy.deepcopy(model)
+    with PerExampleGradNorms(measured, **engine_kwargs) as norms:
+        step(measured)
+    assert_same_grads(grads(measured), grads(plain))
+    return norms
+
+
+def cnn_step(x: Tensor, y: Tensor, reduction: str = "mean") -> Step:
+    def step(model: nn.Module) -> None:
+        losses = cross_entropy_per_example(model(x), y)
+        (losses.sum() if reduction == "sum" else losses.mean()).backward()
+
+    return step
+
+
+class Convs(nn.Module):
+    """One convolution of each path and geometry, ending in a linear head."""
+
+    def __init__(self, dims: int = 2) -> None:
+        super().__init__()
+        conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.body = nn.Sequential(
+            conv_cls(3, 4, 3, padding=1),  # unfolded: 3 channels
+            nn.ReLU(inplace=True),
+            conv_cls(4, 16, 3, stride=2, padding=1, padding_mode="reflect", groups=2, bias=False),  # unfolded
+            nn.Tanh(),
+            conv_cls(16, 16, 2, padding="same", dilation=2),  # grouped: 16 channels
+            nn.ReLU(),
+            conv_cls(16, 40, 3, stride=2),  # Gram form: few positions, many weights; autograd's own gradient
+        )
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x).flatten(1))
+
+
+def convs(dims: int = 2, dtype: torch.dtype = torch.float64) -> tuple[nn.Module, Tensor, Tensor]:
+    model = Convs(dims)
+    x = torch.randn(5, 3, *(9,) * dims)
+    model(x)  # materialise the lazy head
+    return model.to(dtype), x.to(dtype), torch.randint(0, 3, (5,))
+
+
+# ---------------------------------------------------------------------- gradients and norms
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_grads_equal_plain_autograd_and_norms_stay_exact(dims, reduction):
+    model, x, y = convs(dims)
+    norms = compare(model, cnn_step(x, y, reduction))
+    expected = sq_norms_by_vmap(model, cross_entropy_per_example, x, y) / (1 if reduction == "sum" else 5**2)
+    torch.testing.assert_close(norms.sq_norms(), expected, rtol=1e-8, atol=0)
+
+
+def test_every_path_is_exercised():
+    model, x, _ = convs()
+    paths, activation = [], x
+    for layer in model.body:
+        out = layer(activation)
+        if isinstance(layer, nn.Conv2d):
+            paths.append(conv._weight_path(layer, activation, out))
+        activation = out
+    assert paths == ["unfolded", "unfolded", "grouped", "gram"]
+
+
+def test_float32_grads_match_to_rounding():
+    model, x, y = convs(dtype=torch.float32)
+    compare(model, cnn_step(x, y))
+    small = SmallCNN()
+    compare(small, cnn_step(torch.randn(6, 3, 8, 8), torch.randint(0, 4, (6,))))
+
+
+def test_weight_grad_is_skipped_by_autograd_and_given_by_the_rule(monkeypatch):
+    model, x, y = convs()
+    computed: list[int] = []
+    original = conv.batch_weight_grad
+    monkeypatch.setattr(conv, "batch_weight_grad", lambda *a: computed.append(1) or original(*a))
+    with PerExampleGradNorms(model):
+        cnn_step(x, y)(model)
+    assert len(computed) == 1  # only the Gram-form layer, whose rule builds no per-example gradients
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_preconditioned_norms_are_weighted_but_grads_are_not(monkeypatch, reduction):
+    # With a preconditioner the norms weight the per-example entries by P², while autograd must still get the
+    # plain sums of the per-example gradients: the real gradient, never a weighted one.
+    model, x, y = convs()
+    weights = random_weights(model)
+    by_id = {id(p): weights[name] for name, p in model.named_parameters()}
+    computed: list[int] = []
+    original = conv.batch_weight_grad
+    monkeypatch.setattr(conv, "batch_weight_grad", lambda *a: computed.append(1) or original(*a))
+    measured = copy.deepcopy(model)
+    by_id = {id(q): by_id[id(p)] for p, q in zip(model.parameters(), measured.parameters(), strict=True)}
+    with PerExampleGradNorms(measured, preconditioner=lambda p: by_id[id(p)]) as norms:
+        cnn_step(x, y, reduction)(measured)
+    plain = copy.deepcopy(model)
+    cnn_step(x, y, reduction)(plain)
+    assert_same_grads(grads(measured), grads(plain))
+    # Weighted norms never take the Gram form: every convolution's weight gradient comes from its rule.
+    assert computed == []
+    expected = sq_norms_by_loop(model, cross_entropy_per_example, x, y, weights) / (1 if reduction == "sum" else 25)
+    torch.testing.assert_close(norms.sq_norms(), expected, rtol=1e-8, atol=0)
+
+
+def test_off_switch_leaves_autograd_alone():
+    model, x, y = convs(dtype=torch.float32)
+    plain = copy.deepcopy(model)
+    cnn_step(x, y)(plain)
+    with PerExampleGradNorms(model, fuse_weight_grads=False) as norms:
+        assert norms.fuse_weight_grads is False
+        cnn_step(x, y)(model)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+
+
+# ---------------------------------------------------------------------- training-loop situations
+
+
+def test_accumulation_over_micro_batches():
+    model, x, y = convs()
+
+    def step(m: nn.Module) -> None:
+        for part in (slice(0, 2), slice(2, 5)):
+            cross_entropy_per_example(m(x[part]), y[part]).mean().div(2).backward()
+
+    norms = compare(model, step)
+    assert len(norms) == 2
+
+
+def test_frozen_weight_or_bias():
+    model, x, y = convs()
+    model.body[0].weight.requires_grad_(False)  # bias alone: nothing to fuse
+    model.body[4].bias.requires_grad_(False)  # weight alone
+    compare(model, cnn_step(x, y))
+
+
+def test_weight_frozen_after_attach_is_left_frozen():
+    model, x, y = convs()
+    with PerExampleGradNorms(model):
+        model.body[4].weight.requires_grad_(False)
+        cnn_step(x, y)(model)
+    assert model.body[4].weight.grad is None
+    assert not model.body[4].weight.requires_grad
+
+
+def test_input_gradient_and_inplace_ops_on_the_output():
+    model, x, y = convs()  # the first layer is followed by ReLU(inplace=True)
+    plain, x_plain = copy.deepcopy(model), x.clone().requires_grad_(True)
+    cnn_step(x_plain, y)(plain)
+    x.requires_grad_(True)
+    with PerExampleGradNorms(model):
+        cnn_step(x, y)(model)
+    assert_same_grads(grads(model), grads(plain))
+    torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-12, atol=0)
+
+
+def test_module_called_twice_and_tied_weights():
+    shared = nn.Conv2d(4, 4, 3, padding=1).double()
+    tied = nn.Conv2d(4, 4, 3, padding=1).double()
+    tied.weight = shared.weight
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh(), tied).double()
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    norms = compare(model, lambda m: m(x).square().sum().backward())
+    assert norms.measured_modules == ["0+4"]
+
+
+def test_retained_graph_second_pass_and_autograd_grad():
+    model, x, y = convs()
+
+    def step(m: nn.Module) -> None:
+        loss = cross_entropy_per_example(m(x), y).mean()
+        loss.backward(retain_graph=True)
+        loss.backward()
+
+    with pytest.warns(UnmeasuredParameterWarning, match="retain_graph"):
+        compare(model, step)
+
+    plain = copy.deepcopy(model)
+    expected = torch.autograd.grad(cross_entropy_per_example(plain(x), y).mean(), list(plain.parameters()))
+    with PerExampleGradNorms(model):
+        got = torch.autograd.grad(cross_entropy_per_example(model(x), y).mean(), list(model.parameters()))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-14)
+
+
+def test_gradient_penalty_is_differentiated_like_plain_autograd():
+    model, x, y = convs()
+    x.requires_grad_(True)
+
+    def step(m: nn.Module) -> None:
+        loss = cross_entropy_per_example(m(x), y).mean()
+        (input_grad,) = torch.autograd.grad(loss, x, create_graph=True)
+        (loss + input_grad.square().sum()).backward()
+
+    with pytest.warns(UnmeasuredParameterWarning, match="create_graph=True"):
+        compare(model, step)
+
+
+def test_non_reentrant_checkpointing():
+    model, x, y = convs()
+
+    def step(m: nn.Module) -> None:
+        features = checkpoint(m.body, x, use_reentrant=False)
+        cross_entropy_per_example(m.head(features.flatten(1)), y).mean().backward()
+
+    norms = compare(model, step)
+    expected = sq_norms_by_vmap(model, cross_entropy_per_example, x, y) / 5**2
+    torch.testing.assert_close(norms.sq_norms(), expected, rtol=1e-8, atol=0)
+
+
+def test_engine_removed_between_forward_and_backward():
+    model, x, y = convs()
+
+    def step(m: nn.Module) -> None:
+        loss = cross_entropy_per_example(m(x), y).mean()
+        for layer in m.body:
+            assert getattr(layer, "weight", None) is None or layer.weight.requires_grad
+        engine.remove()
+        loss.backward()
+
+    plain = copy.deepcopy(model)
+    cnn_step(x, y)(plain)
+    engine = PerExampleGradNorms(model).attach()
+    step(model)
+    assert len(engine) == 0
+    assert_same_grads(grads(model), grads(plain))
+
+
+def test_parameters_are_switched_off_only_inside_the_forward_and_back_after_an_error():
+    layer = nn.Conv2d(3, 4, 3)
+    seen: list[tuple[bool, bool]] = []
+    layer.register_forward_hook(lambda m, args, out: seen.append((m.weight.requires_grad, m.bias.requires_grad)))
+    with PerExampleGradNorms(layer):
+        layer(torch.randn(2, 3, 5, 5))
+        assert (layer.weight.requires_grad, layer.bias.requires_grad) == (True, True)
+        with pytest.raises(RuntimeError):
+            layer(torch.randn(2, 5, 5, 5))  # wrong channels
+        assert (layer.weight.requires_grad, layer.bias.requires_grad) == (True, True)
+        with torch.no_grad():
+            layer(torch.randn(2, 3, 5, 5))
+    assert seen == [(False, False), (True, True)]  # fused in the first call; no graph, nothing to fuse, in the last
+
+
+def test_autocast_and_other_dtypes_are_left_to_autograd():
+    model, x, y = convs(dtype=torch.float32)
+
+    def step(m: nn.Module) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        cross_entropy_per_example(out.float(), y).mean().backward()
+
+    plain = copy.deepcopy(model)
+    step(plain)
+    with PerExampleGradNorms(model):
+        step(model)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_parameter_hooks_see_the_fused_gradient_once():
+    model, x, y = convs()
+    seen: list[Tensor] = []
+    weight = model.body[0].weight
+    weight.register_hook(lambda g: seen.append(g.clone()))
+    with PerExampleGradNorms(model):
+        cnn_step(x, y)(model)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], weight.grad)
+
+
+def test_replayed_fallback_module_around_a_conv():
+    class Scaled(nn.Module):  # no rule: replayed by the torch.func fallback, with its conv child measured apart
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+            self.conv = nn.Conv2d(3, 4, 3).double()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.conv(x) * self.scale
+
+    model = Scaled()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    with pytest.warns(NormRuleFallbackWarning, match="No per-example norm rule"):
+        compare(model, lambda m: m(x).square().sum().backward())
+
+
+# ---------------------------------------------------------------------- DDP
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir) -> None:
+    setup_ddp(rank, world_size, port)
+    try:
+        torch.manual_seed(0)
+        model, x, y = convs(dtype=torch.float32)
+        part = slice(rank * 2, rank * 2 + 2)
+        results = {}
+        for fused in (False, True):
+            ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
+            engine = PerExampleGradNorms(ddp.module, fuse_weight_grads=fused).attach()
+            for _ in range(2):  # the second pass accumulates
+                F.cross_entropy(ddp(x[part]), y[part]).backward()
+            engine.remove()
+            results[fused] = grads(ddp.module)
+        torch.save(results, out_dir / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_ddp_all_reduces_the_fused_gradients(tmp_path):
+    mp.start_processes(
+        _ddp_worker, args=(NUM_PROCESSES, free_port(), tmp_path), nprocs=NUM_PROCESSES, start_method="spawn"
+    )
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(NUM_PROCESSES)]
+    for rank_results in results:
+        assert_same_grads(rank_results[True], results[0][False])
