@@ -371,3 +371,45 @@ def test_ddp_all_reduces_the_fused_gradients(tmp_path):
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(NUM_PROCESSES)]
     for rank_results in results:
         assert_same_grads(rank_results[True], results[0][False])
+
+
+# ---------------------------------------------------------------------- through the monitor
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_monitor_switch_trains_like_plain_lightning(fuse):
+    """A Lightning fit with the monitor reaches the weights of a fit without it; the switch decides the fusion."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_gns import NoiseScaleMonitor
+    from tests.helpers.ground_truth import Classifier
+
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(48, 3, 8, 8, generator=gen), torch.randint(4, (48,), generator=gen))
+
+    def fit(callbacks: list[pl.Callback]) -> tuple[nn.Module, list[bool]]:
+        torch.manual_seed(0)
+        net = SmallCNN()
+        seen: list[bool] = []
+        net.features[0].register_forward_hook(lambda m, args, out: seen.append(m.weight.requires_grad))
+        trainer = pl.Trainer(
+            max_steps=4,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(Classifier(net, lr=0.5), DataLoader(data, batch_size=12))
+        return net, seen
+
+    plain, plain_seen = fit([])
+    monitor = NoiseScaleMonitor(source="per_example", per_example_fuse_weight_grads=fuse, log_every_n_steps=1)
+    measured, seen = fit([monitor])
+    assert plain_seen == [True] * 4
+    assert seen == [not fuse] * 4
+    for (name, p), q in zip(measured.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.isfinite(monitor.estimates["trace_sigma"])
+    assert monitor.estimates["trace_sigma"] > 0

@@ -33,6 +33,10 @@ class PerExampleSource(GradientSource):
         per_layer: also keep each measured layer's norms apart (see :attr:`layer_names`,
             :attr:`last_layer_norms`).
         preconditioner: the elementwise :math:`P^2` of each parameter, or ``None`` for plain norms.
+        fuse_weight_grads: hand autograd each convolution's weight and bias gradients as the sums of the
+            per-example gradients the rule builds anyway, instead of having autograd compute them again
+            (:class:`~lightning_gns.sources.per_example_norms.PerExampleGradNorms`); ``False`` leaves every
+            parameter gradient to autograd.
     """
 
     name = "per_example"
@@ -45,6 +49,7 @@ class PerExampleSource(GradientSource):
         strict: bool = False,
         per_layer: bool = False,
         preconditioner: Preconditioner | None = None,
+        fuse_weight_grads: bool = True,
     ) -> None:
         self._engine: PerExampleGradNorms | None = None
         super().__init__(world_size, preconditioner)
@@ -57,6 +62,7 @@ class PerExampleSource(GradientSource):
         self.loss_divisor = loss_divisor
         self.include = include
         self.strict = strict
+        self.fuse_weight_grads = fuse_weight_grads
         self._params: list[nn.Parameter] = []
         self._sum_sq: Tensor | None = None
         self._examples = 0
@@ -77,7 +83,11 @@ class PerExampleSource(GradientSource):
         """Hook the measured modules of ``model``."""
         super().attach(model)
         self._engine = PerExampleGradNorms(
-            model, include=self.include, strict=self.strict, preconditioner=self.preconditioner
+            model,
+            include=self.include,
+            strict=self.strict,
+            preconditioner=self.preconditioner,
+            fuse_weight_grads=self.fuse_weight_grads,
         ).attach()
         # The big-batch norm covers exactly what the hooks measure, so both norms describe the same gradient.
         self._params = _trainable(model) if self.include is None else list(self._engine.measured_parameters)
