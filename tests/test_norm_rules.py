@@ -390,6 +390,26 @@ def test_group_norm_from_the_forward_statistics():
     torch.testing.assert_close(got, group_norm_sq_norm(layer, (inputs.detach(),), grad_output), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("shape", [(4, 6), (4, 5, 6), (4, 2, 3, 6)])
+def test_layer_norm_from_the_forward_statistics(shape):
+    torch.manual_seed(0)
+    layer = nn.LayerNorm(shape[-1]).double()
+    inputs = (3 * torch.randn(*shape, dtype=torch.float64) + 1).requires_grad_(True)
+    out = layer(inputs)
+    grad_output = torch.randn_like(out)
+    stats = normalization.layer_norm_saved_stats(out.grad_fn, layer, grad_output)
+    assert stats is not None
+    # The statistics computed independently of the layer: the mean and 1/sqrt(var + eps) of each position.
+    var, mean = torch.var_mean(inputs.detach(), -1, correction=0, keepdim=True)
+    torch.testing.assert_close(stats[0], mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats[1], (var + layer.eps).rsqrt(), rtol=1e-12, atol=0)
+    got = normalization.layer_norm_sq_norm_from_stats(layer, (inputs.detach(),), grad_output, stats)
+    torch.testing.assert_close(got, layer_norm_sq_norm(layer, (inputs.detach(),), grad_output), rtol=1e-12, atol=0)
+    # Another node, or statistics of another shape, are not taken for the forward's.
+    assert normalization.layer_norm_saved_stats(out.sum().grad_fn, layer, grad_output) is None
+    assert normalization.layer_norm_saved_stats(out.grad_fn, layer, grad_output[:2]) is None
+
+
 def test_instance_norm_in_eval_uses_running_statistics():
     torch.manual_seed(0)
     layer = nn.InstanceNorm1d(3, affine=True, track_running_stats=True).double()

@@ -16,7 +16,7 @@ from lightning_gns.sources.per_example_norms import (
     PerExampleGradNorms,
     UnmeasuredParameterWarning,
 )
-from lightning_gns.sources.rules import registry
+from lightning_gns.sources.rules import normalization, registry
 from lightning_gns.sources.rules.attention import CapturedAttention
 from lightning_gns.sources.rules.linear import linear_sq_norm
 from tests.helpers.per_example import (
@@ -669,20 +669,28 @@ def test_inputs_are_released_as_soon_as_measured():
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])
-def test_group_norm_reuses_the_forward_statistics(monkeypatch, checkpointed):
+@pytest.mark.parametrize("layer", ["group_norm", "layer_norm"])
+def test_norm_layers_reuse_the_forward_statistics(monkeypatch, checkpointed, layer):
+    rule = {"group_norm": normalization.group_norm_sq_norm, "layer_norm": normalization.layer_norm_sq_norm}[layer]
+    read_stats, original = per_example_norms._RULES_FROM_SAVED_STATS[rule]
     seen: list[bool] = []
-    original = per_example_norms.group_norm_sq_norm_from_stats
 
     def spy(module, inputs, grad_output, stats, **kwargs):
         seen.append(stats is not None)
         return original(module, inputs, grad_output, stats, **kwargs)
 
-    monkeypatch.setattr(per_example_norms, "group_norm_sq_norm_from_stats", spy)
-    model = SmallCNN()
-    x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))
+    monkeypatch.setitem(per_example_norms._RULES_FROM_SAVED_STATS, rule, (read_stats, spy))
+    if layer == "group_norm":
+        model: nn.Module = SmallCNN()
+        x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))
+        body, head = model.features, lambda h: model.head(h.mean((2, 3)))
+    else:
+        model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 4))
+        x, y = torch.randn(5, 7, 6), torch.randint(0, 4, (5, 7))
+        body, head = model[:4], model[4]
     with PerExampleGradNorms(model) as norms:
-        features = checkpoint(model.features, x, use_reentrant=False) if checkpointed else model.features(x)
-        cross_entropy_per_example(model.head(features.mean((2, 3))), y).sum().backward()
+        features = checkpoint(body, x, use_reentrant=False) if checkpointed else body(x)
+        cross_entropy_per_example(head(features), y).sum().backward()
     # Checkpointing lets each saved tensor be unpacked once, by the layer's backward: the rule recomputes them.
     assert seen == ([] if checkpointed else [True, True])
     assert_close(norms.sq_norms(), sq_norms_by_vmap(model, cross_entropy_per_example, x, y))

@@ -69,6 +69,9 @@ from lightning_gns.sources.rules.normalization import (
     group_norm_saved_stats,
     group_norm_sq_norm,
     group_norm_sq_norm_from_stats,
+    layer_norm_saved_stats,
+    layer_norm_sq_norm,
+    layer_norm_sq_norm_from_stats,
 )
 from lightning_gns.sources.rules.registry import CallRule, NormRule, get_call_rule, get_norm_rule
 
@@ -174,7 +177,7 @@ class _Call:
         # Set when autograd left the parameter gradients to the rule (fuse_weight_grads): the sums of the
         # per-example gradients that the rule builds go here.
         self.grad_slot: GradSlot | None = None
-        # The autograd node of the output, for a rule that reads what the forward saved (GroupNorm's statistics).
+        # The autograd node of the output, for rules that read what the forward saved (GroupNorm, LayerNorm).
         self.node: Any = None
 
 
@@ -571,7 +574,7 @@ class PerExampleGradNorms:
                 self._generation,
             )
         call.grad_slot = slot
-        if unit.rule is group_norm_sq_norm and _saves_tensors_plainly():
+        if unit.rule in _RULES_FROM_SAVED_STATS and _saves_tensors_plainly():
             call.node = outputs[0].grad_fn
         assert unit.group is not None  # set by attach
         unit.group.pending.add(call)
@@ -771,8 +774,9 @@ class PerExampleGradNorms:
                     )
                     return sq_norms
                 if call.node is not None:
-                    stats = group_norm_saved_stats(call.node, unit.module, grad_output)
-                    return group_norm_sq_norm_from_stats(unit.module, call.args, grad_output, stats, **rule_kwargs)
+                    read_stats, rule_from_stats = _RULES_FROM_SAVED_STATS[unit.rule]
+                    stats = read_stats(call.node, unit.module, grad_output)
+                    return rule_from_stats(unit.module, call.args, grad_output, stats, **rule_kwargs)
                 return unit.rule(unit.module, call.args, grad_output, **rule_kwargs)
         if call.captured is not None:
             with torch.no_grad(), _autocast_off(_device_type(grads)):
@@ -902,6 +906,13 @@ def _release(call: _Call) -> None:
     call.captured = None
     call.grad_slot = None
     call.node = None
+
+
+# Built-in rules that run faster from the statistics the layer's forward saved: (reader, rule taking them).
+_RULES_FROM_SAVED_STATS: dict[Callable[..., Tensor], tuple[Callable[..., Any], Callable[..., Tensor]]] = {
+    group_norm_sq_norm: (group_norm_saved_stats, group_norm_sq_norm_from_stats),
+    layer_norm_sq_norm: (layer_norm_saved_stats, layer_norm_sq_norm_from_stats),
+}
 
 
 def _saves_tensors_plainly() -> bool:
