@@ -137,3 +137,49 @@ def test_per_layer_norms_are_weighted_like_the_total():
     head = model.net[5]
     expected_head = sum((p.grad.square() * sq_weights[id(p)]).sum() for p in head.parameters())
     torch.testing.assert_close(layers.sq_norm_big[-1], expected_head, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sparse"])
+def test_plain_squared_norm_on_every_path(dtype, layout):
+    """The BLAS dot (dense CPU floats), vector_norm and the sparse path agree with a float64 sum of squares."""
+    from lightning_gns.sources.preconditioning import weighted_sq_norm
+
+    dense = torch.randn(64, 33, generator=torch.Generator().manual_seed(0)).to(dtype)
+    tensor = {"contiguous": dense, "transposed": dense.t(), "sparse": dense.to_sparse()}[layout]
+    if layout == "sparse":  # an uncoalesced gradient repeats indices: their entries must add up before squaring
+        half = dense.to_sparse()
+        tensor = torch.sparse_coo_tensor(
+            torch.cat([half.indices(), half.indices()], 1), torch.cat([half.values(), half.values()]) / 2, dense.shape
+        )
+        assert not tensor.is_coalesced()
+    expected = dense.double().square().sum()
+    got = weighted_sq_norm(tensor)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+    weight = torch.rand(dense.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    weighted = weighted_sq_norm(tensor, weight.t() if layout == "transposed" else weight.to(got.dtype))
+    torch.testing.assert_close(weighted.double(), (dense.double().square() * weight).sum(), rtol=1e-5, atol=0)
+
+
+def test_sources_measure_sparse_embedding_gradients():
+    """A sparse embedding gradient gives the accumulation source the norms of the same dense one."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 7, (2, 6, 3))  # two micro-batches; ids repeat within each
+
+    def run(sparse: bool) -> tuple[float, float]:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Embedding(7, 4, sparse=sparse), nn.Flatten(), nn.Linear(12, 1))
+        source = AccumulationSource(loss_divisor=2)
+        source.attach(model)
+        for micro in ids:
+            (model(micro).square().mean() / 2).backward()
+            source.micro_batch_done(micro.shape[0])
+        norms = source.step_norms()
+        assert model[0].weight.grad.is_sparse == sparse
+        return float(norms.sq_norm_small), float(norms.sq_norm_big)
+
+    dense_small, dense_big = run(False)
+    sparse_small, sparse_big = run(True)
+    assert sparse_small == pytest.approx(dense_small, rel=1e-6)
+    assert sparse_big == pytest.approx(dense_big, rel=1e-6)

@@ -41,8 +41,10 @@ class AccumulationSource(GradientSource):
         self.loss_divisor = loss_divisor
         self._handles: list[RemovableHandle] = []
         self._params: list[nn.Parameter] = []
+        # The squared norms of every parameter's micro-batch gradients since the last step; their sum is all the
+        # step needs (summed once, at the step: fewer small kernels than a sum per micro-batch).
         self._micro_parts: list[Tensor] = []
-        self._micro_total: Tensor | None = None
+        self._parts_done = 0
         self._num_micro = 0
         self._examples = 0
 
@@ -65,21 +67,19 @@ class AccumulationSource(GradientSource):
         self._micro_parts.append(weighted_sq_norm(grad, sq_weight).float())
 
     def micro_batch_done(self, num_examples: int) -> None:
-        """Fold the finished micro-batch's squared norm into the step's sum."""
-        if not self._micro_parts:
+        """Count the finished micro-batch (if its backward reached any parameter) into the step."""
+        if len(self._micro_parts) == self._parts_done:
             return
-        sq_norm = torch.stack(self._micro_parts).sum()
-        self._micro_parts = []
-        self._micro_total = sq_norm if self._micro_total is None else self._micro_total + sq_norm
+        self._parts_done = len(self._micro_parts)
         self._num_micro += 1
         self._examples += num_examples
 
     def step_norms(self, grad_scale: Tensor | None = None) -> StepNorms:
         """This rank's micro-batch norms (averaged over its micro-batches) and the accumulated gradient's norm."""
-        if self._micro_total is None or self._num_micro == 0:
+        if self._num_micro == 0:
             raise RuntimeError("No backward pass was seen since the last optimizer step.")
         # Each micro-batch's gradient carries 1/loss_divisor; `.grad` carries num_micro/loss_divisor of a mean.
-        micro_mean = self._micro_total * self.loss_divisor**2 / self._num_micro
+        micro_mean = torch.stack(self._micro_parts[: self._parts_done]).sum() * (self.loss_divisor**2 / self._num_micro)
         if grad_scale is not None:
             micro_mean = micro_mean / grad_scale.float() ** 2
         big = (
@@ -87,7 +87,7 @@ class AccumulationSource(GradientSource):
             * (self.loss_divisor / self._num_micro) ** 2
         )
         examples, num_micro = float(self._examples), self._num_micro
-        self._micro_total, self._num_micro, self._examples = None, 0, 0
+        self._micro_parts, self._parts_done, self._num_micro, self._examples = [], 0, 0, 0
         return StepNorms(
             micro_mean,
             big,

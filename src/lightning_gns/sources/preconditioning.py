@@ -79,9 +79,26 @@ def weighted_sq_norm(tensor: Tensor, sq_weight: Tensor | None = None) -> Tensor:
         tensor(5.)
     """
     dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if tensor.layout != torch.strided:
+        # A sparse gradient (`nn.Embedding(sparse=True)`) may repeat an index: its entries add up first.
+        tensor = tensor.coalesce().values() if sq_weight is None else tensor.to_dense()
     if sq_weight is None:
+        if _dot_is_fastest(tensor):
+            flat = tensor.view(-1)
+            return torch.dot(flat, flat)
         return torch.linalg.vector_norm(tensor, dtype=dtype).square()
     return (tensor.to(dtype).square() * sq_weight).sum()
+
+
+def _dot_is_fastest(tensor: Tensor) -> bool:
+    # On CPU the BLAS dot product takes a dense float tensor's squared norm in half the time of vector_norm or
+    # _foreach_norm: it matters for sources that read every gradient once or twice per step.
+    return (
+        tensor.device.type == "cpu"
+        and tensor.layout == torch.strided
+        and tensor.dtype in (torch.float32, torch.float64)
+        and tensor.is_contiguous()
+    )
 
 
 def weighted_grad_sq_norms(params: Iterable[nn.Parameter], preconditioner: Preconditioner | None) -> list[Tensor]:
@@ -97,10 +114,14 @@ def weighted_grad_sq_norms(params: Iterable[nn.Parameter], preconditioner: Preco
     with_grad = [p for p in params if p.grad is not None]
     if not with_grad:
         return []
-    if preconditioner is None:
+    grads = [p.grad for p in with_grad if p.grad is not None]
+    if preconditioner is None and not any(_dot_is_fastest(g) or g.layout != torch.strided for g in grads):
         # One fused kernel per dtype group.
-        return [n.float().square() for n in torch._foreach_norm([p.grad for p in with_grad])]  # type: ignore[misc]
-    return [weighted_sq_norm(p.grad, preconditioner(p)).float() for p in with_grad if p.grad is not None]
+        return [n.float().square() for n in torch._foreach_norm(grads)]
+    return [
+        weighted_sq_norm(grad, None if preconditioner is None else preconditioner(p)).float()
+        for p, grad in zip(with_grad, grads, strict=True)
+    ]
 
 
 class AdamPreconditioner:
