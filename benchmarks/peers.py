@@ -34,11 +34,14 @@ class Step:
         fn: ``(inputs, targets) -> [N] squared norms or None``; runs forward and backward, fills ``.grad``.
         skipped: names of trainable parameters the method leaves out of its norms (filled by the first call).
         close: undoes what the factory attached to the model (hooks, wrappers), or ``None``.
+        reference: the method whose step time this one is divided by (the same work without the
+            measurement, e.g. the same micro-batches for a method that accumulates).
     """
 
     fn: StepFn
     skipped: list[str] = field(default_factory=list)
     close: Callable[[], None] | None = None
+    reference: str = "plain"
 
 
 MethodFactory = Callable[[nn.Module, LossFn], Step | StepFn]
