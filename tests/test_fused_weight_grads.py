@@ -8,7 +8,10 @@ in another order), and the per-example norms stay exact.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 from collections.abc import Callable
+from unittest import mock
 
 import pytest
 import torch
@@ -17,12 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_gns.sources import per_example_norms
 from lightning_gns.sources.per_example_norms import (
     NormRuleFallbackWarning,
     PerExampleGradNorms,
     UnmeasuredParameterWarning,
 )
 from lightning_gns.sources.rules import conv
+from lightning_gns.sources.rules.linear import linear_fuses_weight_grads, linear_sq_norm
 from tests.conftest import NUM_PROCESSES, free_port, setup_ddp
 from tests.helpers.per_example import (
     SmallCNN,
@@ -86,7 +91,10 @@ class Convs(nn.Module):
         self.head = nn.LazyLinear(3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x).flatten(1))
+        return self.finish(self.body(x))
+
+    def finish(self, features: Tensor) -> Tensor:
+        return self.head(features.flatten(1))
 
 
 def convs(dims: int = 2, dtype: torch.dtype = torch.float64) -> tuple[nn.Module, Tensor, Tensor]:
@@ -94,6 +102,39 @@ def convs(dims: int = 2, dtype: torch.dtype = torch.float64) -> tuple[nn.Module,
     x = torch.randn(5, 3, *(9,) * dims)
     model(x)  # materialise the lazy head
     return model.to(dtype), x.to(dtype), torch.randint(0, 3, (5,))
+
+
+class Seqs(nn.Module):
+    """Linear layers on sequences: long ones, narrow against the length (fused), and a short one (Gram form)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(6, 8),  # 24 positions: fused
+            nn.ReLU(inplace=True),
+            nn.Linear(8, 8, bias=False),  # fused
+            nn.Tanh(),
+            nn.Linear(8, 16),  # fused
+            nn.Unflatten(1, (2, 12)),
+            nn.Flatten(2),  # [N, 2, 192]
+            nn.Linear(192, 40),  # 2 positions, wide: Gram form, autograd's own gradient
+            nn.Tanh(),
+        )
+        self.head = nn.Linear(40, 3)  # one position: rank-one form, autograd's own gradient
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.finish(self.body(x))
+
+    def finish(self, features: Tensor) -> Tensor:
+        return self.head(features.mean(1))
+
+
+def seqs(dtype: torch.dtype = torch.float64) -> tuple[nn.Module, Tensor, Tensor]:
+    return Seqs().to(dtype), torch.randn(5, 24, 6, dtype=dtype), torch.randint(0, 3, (5,))
+
+
+BUILDERS = {"conv": convs, "linear": seqs}
+both_kinds = pytest.mark.parametrize("kind", list(BUILDERS))
 
 
 # ---------------------------------------------------------------------- gradients and norms
@@ -106,6 +147,38 @@ def test_grads_equal_plain_autograd_and_norms_stay_exact(dims, reduction):
     norms = compare(model, cnn_step(x, y, reduction))
     expected = sq_norms_by_vmap(model, cross_entropy_per_example, x, y) / (1 if reduction == "sum" else 5**2)
     torch.testing.assert_close(norms.sq_norms(), expected, rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_linear_grads_equal_plain_autograd_and_norms_stay_exact(reduction):
+    model, x, y = seqs()
+    norms = compare(model, cnn_step(x, y, reduction))
+    expected = sq_norms_by_vmap(model, cross_entropy_per_example, x, y) / (1 if reduction == "sum" else 5**2)
+    torch.testing.assert_close(norms.sq_norms(), expected, rtol=1e-8, atol=0)
+
+
+def test_linear_fusion_is_decided_by_the_shapes():
+    model, x, y = seqs()
+    seen: dict[str, bool] = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, nn.Linear):
+            layer.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, m.weight.requires_grad))
+    computed: list[str] = []
+    rule = per_example_norms._FUSED_RULES[linear_sq_norm]
+
+    def counting(module, inputs, grad_output, weight, bias):
+        computed.append(type(module).__name__)
+        return rule.batch_grads(module, inputs, grad_output, weight, bias)
+
+    with mock.patch.dict(
+        per_example_norms._FUSED_RULES, {linear_sq_norm: dataclasses.replace(rule, batch_grads=counting)}
+    ):
+        compare(model, cnn_step(x, y))
+    # Switched off inside the forward where fused: the long narrow sequences, not the 2-position or 2-D layers.
+    assert seen == {"body.0": False, "body.2": False, "body.4": False, "body.7": True, "head": True}
+    assert computed == []  # every fused gradient came from the rule's sums
+    assert linear_fuses_weight_grads(model.body[0], x)
+    assert not linear_fuses_weight_grads(model.body[0], x[:, :2])
 
 
 def test_every_path_is_exercised():
@@ -121,6 +194,8 @@ def test_every_path_is_exercised():
 
 def test_float32_grads_match_to_rounding():
     model, x, y = convs(dtype=torch.float32)
+    compare(model, cnn_step(x, y))
+    model, x, y = seqs(dtype=torch.float32)
     compare(model, cnn_step(x, y))
     small = SmallCNN()
     compare(small, cnn_step(torch.randn(6, 3, 8, 8), torch.randint(0, 4, (6,))))
@@ -159,6 +234,46 @@ def test_preconditioned_norms_are_weighted_but_grads_are_not(monkeypatch, reduct
     torch.testing.assert_close(norms.sq_norms(), expected, rtol=1e-8, atol=0)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_preconditioned_linear_norms_are_weighted_but_grads_are_not(reduction):
+    model, x, y = seqs()
+    weights = random_weights(model)
+    measured = copy.deepcopy(model)
+    by_id = {id(q): weights[name] for (name, _), q in zip(model.named_parameters(), measured.parameters(), strict=True)}
+    with PerExampleGradNorms(measured, preconditioner=lambda p: by_id[id(p)]) as norms:
+        cnn_step(x, y, reduction)(measured)
+    plain = copy.deepcopy(model)
+    cnn_step(x, y, reduction)(plain)
+    assert_same_grads(grads(measured), grads(plain))
+    expected = sq_norms_by_loop(model, cross_entropy_per_example, x, y, weights) / (1 if reduction == "sum" else 25)
+    torch.testing.assert_close(norms.sq_norms(), expected, rtol=1e-8, atol=0)
+
+
+def test_linear_tied_to_an_embedding():
+    class TiedLM(nn.Module):  # the head's weight is the embedding's: one group, measured at the end of the pass
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(11, 4)
+            self.mix = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 11, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids: Tensor) -> Tensor:
+            return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+    model = TiedLM().double()
+    ids = torch.randint(0, 11, (3, 30))
+    assert linear_fuses_weight_grads(model.head, torch.zeros(3, 30, 4))
+
+    def step(m: nn.Module) -> None:
+        cross_entropy_per_example(m(ids), ids).sum().backward()
+
+    norms = compare(model, step)
+    torch.testing.assert_close(
+        norms.sq_norms(), sq_norms_by_vmap(model, cross_entropy_per_example, ids, ids), rtol=1e-8, atol=0
+    )
+
+
 def test_off_switch_leaves_autograd_alone():
     model, x, y = convs(dtype=torch.float32)
     plain = copy.deepcopy(model)
@@ -173,8 +288,9 @@ def test_off_switch_leaves_autograd_alone():
 # ---------------------------------------------------------------------- training-loop situations
 
 
-def test_accumulation_over_micro_batches():
-    model, x, y = convs()
+@both_kinds
+def test_accumulation_over_micro_batches(kind):
+    model, x, y = BUILDERS[kind]()
 
     def step(m: nn.Module) -> None:
         for part in (slice(0, 2), slice(2, 5)):
@@ -184,15 +300,17 @@ def test_accumulation_over_micro_batches():
     assert len(norms) == 2
 
 
-def test_frozen_weight_or_bias():
-    model, x, y = convs()
+@both_kinds
+def test_frozen_weight_or_bias(kind):
+    model, x, y = BUILDERS[kind]()
     model.body[0].weight.requires_grad_(False)  # bias alone: nothing to fuse
     model.body[4].bias.requires_grad_(False)  # weight alone
     compare(model, cnn_step(x, y))
 
 
-def test_weight_frozen_after_attach_is_left_frozen():
-    model, x, y = convs()
+@both_kinds
+def test_weight_frozen_after_attach_is_left_frozen(kind):
+    model, x, y = BUILDERS[kind]()
     with PerExampleGradNorms(model):
         model.body[4].weight.requires_grad_(False)
         cnn_step(x, y)(model)
@@ -200,8 +318,9 @@ def test_weight_frozen_after_attach_is_left_frozen():
     assert not model.body[4].weight.requires_grad
 
 
-def test_input_gradient_and_inplace_ops_on_the_output():
-    model, x, y = convs()  # the first layer is followed by ReLU(inplace=True)
+@both_kinds
+def test_input_gradient_and_inplace_ops_on_the_output(kind):
+    model, x, y = BUILDERS[kind]()  # the first layer is followed by ReLU(inplace=True)
     plain, x_plain = copy.deepcopy(model), x.clone().requires_grad_(True)
     cnn_step(x_plain, y)(plain)
     x.requires_grad_(True)
@@ -221,8 +340,9 @@ def test_module_called_twice_and_tied_weights():
     assert norms.measured_modules == ["0+4"]
 
 
-def test_retained_graph_second_pass_and_autograd_grad():
-    model, x, y = convs()
+@both_kinds
+def test_retained_graph_second_pass_and_autograd_grad(kind):
+    model, x, y = BUILDERS[kind]()
 
     def step(m: nn.Module) -> None:
         loss = cross_entropy_per_example(m(x), y).mean()
@@ -240,8 +360,9 @@ def test_retained_graph_second_pass_and_autograd_grad():
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-14)
 
 
-def test_gradient_penalty_is_differentiated_like_plain_autograd():
-    model, x, y = convs()
+@both_kinds
+def test_gradient_penalty_is_differentiated_like_plain_autograd(kind):
+    model, x, y = BUILDERS[kind]()
     x.requires_grad_(True)
 
     def step(m: nn.Module) -> None:
@@ -253,20 +374,22 @@ def test_gradient_penalty_is_differentiated_like_plain_autograd():
         compare(model, step)
 
 
-def test_non_reentrant_checkpointing():
-    model, x, y = convs()
+@both_kinds
+def test_non_reentrant_checkpointing(kind):
+    model, x, y = BUILDERS[kind]()
 
     def step(m: nn.Module) -> None:
         features = checkpoint(m.body, x, use_reentrant=False)
-        cross_entropy_per_example(m.head(features.flatten(1)), y).mean().backward()
+        cross_entropy_per_example(m.finish(features), y).mean().backward()
 
     norms = compare(model, step)
     expected = sq_norms_by_vmap(model, cross_entropy_per_example, x, y) / 5**2
     torch.testing.assert_close(norms.sq_norms(), expected, rtol=1e-8, atol=0)
 
 
-def test_engine_removed_between_forward_and_backward():
-    model, x, y = convs()
+@both_kinds
+def test_engine_removed_between_forward_and_backward(kind):
+    model, x, y = BUILDERS[kind]()
 
     def step(m: nn.Module) -> None:
         loss = cross_entropy_per_example(m(x), y).mean()
@@ -298,8 +421,9 @@ def test_parameters_are_switched_off_only_inside_the_forward_and_back_after_an_e
     assert seen == [(False, False), (True, True)]  # fused in the first call; no graph, nothing to fuse, in the last
 
 
-def test_autocast_and_other_dtypes_are_left_to_autograd():
-    model, x, y = convs(dtype=torch.float32)
+@both_kinds
+def test_autocast_and_other_dtypes_are_left_to_autograd(kind):
+    model, x, y = BUILDERS[kind](dtype=torch.float32)
 
     def step(m: nn.Module) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -314,8 +438,9 @@ def test_autocast_and_other_dtypes_are_left_to_autograd():
         assert torch.equal(p.grad, q.grad), name
 
 
-def test_parameter_hooks_see_the_fused_gradient_once():
-    model, x, y = convs()
+@both_kinds
+def test_parameter_hooks_see_the_fused_gradient_once(kind):
+    model, x, y = BUILDERS[kind]()
     seen: list[Tensor] = []
     weight = model.body[0].weight
     weight.register_hook(lambda g: seen.append(g.clone()))
@@ -348,16 +473,17 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir) -> None:
     setup_ddp(rank, world_size, port)
     try:
         torch.manual_seed(0)
-        model, x, y = convs(dtype=torch.float32)
         part = slice(rank * 2, rank * 2 + 2)
         results = {}
-        for fused in (False, True):
+        built = {kind: build(dtype=torch.float32) for kind, build in BUILDERS.items()}  # same weights on every rank
+        for kind, fused in itertools.product(BUILDERS, (False, True)):
+            model, x, y = built[kind]
             ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(model))
             engine = PerExampleGradNorms(ddp.module, fuse_weight_grads=fused).attach()
             for _ in range(2):  # the second pass accumulates
                 F.cross_entropy(ddp(x[part]), y[part]).backward()
             engine.remove()
-            results[fused] = grads(ddp.module)
+            results[kind, fused] = grads(ddp.module)
         torch.save(results, out_dir / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -370,7 +496,8 @@ def test_ddp_all_reduces_the_fused_gradients(tmp_path):
     )
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(NUM_PROCESSES)]
     for rank_results in results:
-        assert_same_grads(rank_results[True], results[0][False])
+        for kind in BUILDERS:
+            assert_same_grads(rank_results[kind, True], results[0][kind, False])
 
 
 # ---------------------------------------------------------------------- through the monitor

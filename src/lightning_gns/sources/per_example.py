@@ -33,8 +33,9 @@ class PerExampleSource(GradientSource):
         per_layer: also keep each measured layer's norms apart (see :attr:`layer_names`,
             :attr:`last_layer_norms`).
         preconditioner: the elementwise :math:`P^2` of each parameter, or ``None`` for plain norms.
-        fuse_weight_grads: hand autograd each convolution's weight and bias gradients as the sums of the
-            per-example gradients the rule builds anyway, instead of having autograd compute them again
+        fuse_weight_grads: hand autograd the weight and bias gradients of each convolution (and Linear on long
+            sequences) as the sums of the per-example gradients the rule builds anyway, instead of having autograd
+            compute them again
             (:class:`~lightning_gns.sources.per_example_norms.PerExampleGradNorms`); ``False`` leaves every
             parameter gradient to autograd.
     """

@@ -30,10 +30,11 @@ With a preconditioner (:mod:`~lightning_gns.sources.preconditioning`) every per-
 squared norm is weighted entrywise by each parameter's :math:`P^2`: built-in rules take the
 weights (keyword ``weights``), and units whose rule does not are measured by the fallback.
 
-A convolution's rule builds the per-example weight gradients whose sum is the batch's weight
-gradient; by default the engine hands autograd that sum instead of letting autograd compute
-the gradient again (``fuse_weight_grads``, :class:`~lightning_gns.sources.rules.conv.ConvParamGrads`).
-The sum is of the unweighted per-example gradients, preconditioned norms or not.
+A convolution's rule, and a Linear's on long sequences, build the per-example weight
+gradients whose sum is the batch's weight gradient; by default the engine hands autograd that
+sum instead of letting autograd compute the gradient again (``fuse_weight_grads``,
+:class:`~lightning_gns.sources.rules.fused.FusedParamGrads`). The sum is of the unweighted
+per-example gradients, preconditioned norms or not.
 """
 
 from __future__ import annotations
@@ -61,8 +62,16 @@ from lightning_gns.sources.rules.attention import (
     MultiheadAttentionCapture,
     multihead_attention_sq_norm,
 )
-from lightning_gns.sources.rules.conv import ConvParamGrads, GradSlot, conv_sq_norm, conv_sq_norm_and_grads
+from lightning_gns.sources.rules.conv import conv_batch_grads, conv_sq_norm, conv_sq_norm_and_grads
 from lightning_gns.sources.rules.fallback import BatchLayout, batch_layout, per_example_grads, sq_norm_of_grads
+from lightning_gns.sources.rules.fused import BatchGrads, FusedParamGrads, GradSlot, InputGrad
+from lightning_gns.sources.rules.linear import (
+    linear_batch_grads,
+    linear_fuses_weight_grads,
+    linear_input_grad,
+    linear_sq_norm,
+    linear_sq_norm_and_grads,
+)
 from lightning_gns.sources.rules.normalization import (
     batch_norm_coupling_error,
     batch_norm_uses_batch_statistics,
@@ -211,17 +220,17 @@ class PerExampleGradNorms:
         preconditioner: gives each parameter's elementwise weight :math:`P^2` of the
             squared gradient entries (or ``None`` for weight 1); ``None``: plain norms. An
             attribute, so it can be set between backward passes.
-        fuse_weight_grads: let the convolution rule supply the batch gradients of weight and
-            bias, as the sums of the per-example gradients it builds anyway, instead of
-            autograd computing them a second time (on the benchmark CNN this removes almost half
-            of the overhead). During the forward of a measured convolution, its weight and bias then have
-            ``requires_grad`` switched off, and a node on its output hands autograd their
-            gradients; ``.grad``, accumulation, parameter hooks and DDP see the same
-            gradients as without (to float rounding: the sum runs in another order).
-            Convolutions under autocast, in other dtypes than float32/float64, or with
-            parameters that are not plain leaves are left to autograd. With a preconditioner
-            the norms are weighted, and the gradients handed to autograd are still the plain
-            sums.
+        fuse_weight_grads: let the rules of convolutions, and of Linear layers on sequences long
+            against their width (:func:`~lightning_gns.sources.rules.linear.linear_fuses_weight_grads`),
+            supply the batch gradients of weight and bias, as the sums of the per-example gradients
+            they build, instead of autograd computing them a second time (on the benchmark CNN this
+            removes almost half of the overhead). During the forward of such a layer, its weight and
+            bias then have ``requires_grad`` switched off, and a node on its output hands autograd
+            their gradients; ``.grad``, accumulation, parameter hooks, DDP and second-order
+            backward passes see the same gradients as without (to float rounding: the sum runs in
+            another order). Layers under autocast, in other dtypes than float32/float64, or with
+            parameters that are not plain leaves are left to autograd. With a preconditioner the
+            norms are weighted, and the gradients handed to autograd are still the plain sums.
 
     Raises:
         TypeError: if ``include`` holds something that is not an ``nn.Module`` subclass.
@@ -510,6 +519,7 @@ class PerExampleGradNorms:
             and all(p.dtype == args[0].dtype for p in params)
             and args[0].dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled(args[0].device.type)
+            and _fused_rule(unit).worth_it(module, args[0])
         )
         if fuse:
             for param in params:
@@ -535,7 +545,10 @@ class PerExampleGradNorms:
             if isinstance(output, Tensor):
                 # The parameters' gradients now flow through this node, from the rule's per-example gradients.
                 slot = GradSlot()
-                output = ConvParamGrads.apply(output, module.weight, module.bias, args[0], module, slot)
+                rule = _fused_rule(unit)
+                output = FusedParamGrads.apply(
+                    output, module.weight, module.bias, args[0], module, slot, rule.batch_grads, rule.input_grad
+                )
         replaced = output if slot is not None else None
         if output is None or not self._recording():
             return replaced
@@ -769,7 +782,7 @@ class PerExampleGradNorms:
                 slot = call.grad_slot
                 if slot is not None:
                     # Weighted norms (with weights), but the plain sums of the per-example gradients for autograd.
-                    sq_norms, slot.weight, slot.bias = conv_sq_norm_and_grads(
+                    sq_norms, slot.weight, slot.bias = _FUSED_RULES[unit.rule].sq_norm_and_grads(
                         unit.module, call.args, grad_output, **rule_kwargs
                     )
                     return sq_norms
@@ -921,13 +934,40 @@ def _saves_tensors_plainly() -> bool:
     return top is not None and top(False) is None
 
 
+@dataclass(frozen=True)
+class _FusedRule:
+    """How a built-in rule that builds per-example gradients hands autograd their sums."""
+
+    layer: type[nn.Module]
+    worth_it: Callable[[nn.Module, Tensor], bool]  # at the forward, from the input
+    sq_norm_and_grads: Callable[..., tuple[Tensor, Tensor | None, Tensor | None]]
+    batch_grads: BatchGrads  # the fallback, as autograd computes them
+    input_grad: InputGrad | None  # for a layer whose own backward would hold the weight fixed (see FusedParamGrads)
+
+
+_FUSED_RULES: dict[Callable[..., Tensor], _FusedRule] = {
+    conv_sq_norm: _FusedRule(
+        nn.modules.conv._ConvNd, lambda module, x: True, conv_sq_norm_and_grads, conv_batch_grads, None
+    ),
+    linear_sq_norm: _FusedRule(
+        nn.Linear, linear_fuses_weight_grads, linear_sq_norm_and_grads, linear_batch_grads, linear_input_grad
+    ),
+}
+
+
 def _fuses_weight_grad(unit: _Unit) -> bool:
-    # The built-in convolution rule builds the per-example gradients that autograd would sum anyway.
-    return unit.rule is conv_sq_norm and isinstance(unit.module, nn.modules.conv._ConvNd)
+    # Built-in rules that build the per-example gradients that autograd would sum anyway.
+    fused = _FUSED_RULES.get(unit.rule) if unit.rule is not None else None
+    return fused is not None and isinstance(unit.module, fused.layer)
+
+
+def _fused_rule(unit: _Unit) -> _FusedRule:
+    assert unit.rule is not None  # only units that passed _fuses_weight_grad fuse
+    return _FUSED_RULES[unit.rule]
 
 
 def _fusable_params(module: nn.Module) -> list[nn.Parameter]:
-    """The trainable weight and bias of a convolution, if they are its own leaf parameters (not recomputed ones)."""
+    """The trainable weight and bias of a layer, if they are its own leaf parameters (not recomputed ones)."""
     params = [getattr(module, "weight", None), getattr(module, "bias", None)]
     return [p for p in params if isinstance(p, nn.Parameter) and p.requires_grad and p.is_leaf]
 

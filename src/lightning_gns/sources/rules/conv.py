@@ -25,16 +25,16 @@ other two weight the entries of the ``G_i`` they build.
 
 The batch gradients of weight and bias are the sums of the per-example ones: where those
 are built, :func:`conv_sq_norm_and_grads` returns the sums too, and the per-example engine
-hands them to autograd through :class:`ConvParamGrads` instead of having autograd compute
-them a second time. The sums are of the unweighted per-example gradients (the real batch
-gradient) whether or not the norms are weighted.
+hands them to autograd through :class:`~lightning_gns.sources.rules.fused.FusedParamGrads`
+instead of having autograd compute them a second time. The sums are of the unweighted
+per-example gradients (the real batch gradient) whether or not the norms are weighted.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -162,60 +162,35 @@ def _weight_grad(
     )[1]
 
 
-class GradSlot:
-    """Where the per-example engine leaves a convolution's batch gradients for :class:`ConvParamGrads`."""
+def conv_batch_grads(
+    conv: nn.Module, inputs: Tensor, grad_output: Tensor, weight: bool, bias: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """The batch gradients of a convolution's weight and bias (those asked for), as autograd computes them.
 
-    __slots__ = ("bias", "weight")
+    The fallback of :class:`~lightning_gns.sources.rules.fused.FusedParamGrads` for a convolution.
 
-    def __init__(self) -> None:
-        self.weight: Tensor | None = None
-        self.bias: Tensor | None = None
+    Args:
+        conv: the convolution.
+        inputs: ``[N, C_in, *spatial]``.
+        grad_output: ``[N, C_out, *spatial_out]``.
+        weight: compute the weight's.
+        bias: compute the bias's.
 
+    Returns:
+        The weight's and the bias's gradients, ``None`` where not asked for.
 
-class ConvParamGrads(torch.autograd.Function):
-    """Identity on a convolution's output whose backward hands autograd the gradients of weight and bias.
+    Example::
 
-    The per-example engine runs a convolution with the ``requires_grad`` of its weight and
-    bias switched off, so that autograd computes no parameter gradient there (CPU backends
-    compute the weight's whenever the bias needs one), and passes the output through this
-    function. When the output's gradient arrives, the engine's hook builds the per-example
-    gradients for their norms and leaves their sums in the slot, which this backward hands
-    to the parameters. Whatever the slot lacks (the Gram form builds no per-example weight
-    gradients; the engine may be gone, or a retained graph's second pass unmeasured), and
-    everything when a graph of the backward is being built (``create_graph=True``), it
-    computes as autograd would.
+        >>> import torch
+        >>> conv = nn.Conv1d(1, 1, kernel_size=2)
+        >>> x = torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 1.0, 0.0]]])
+        >>> conv_batch_grads(conv, x, torch.ones(2, 1, 2), True, True)
+        (tensor([[[4., 6.]]]), tensor([4.]))
     """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        output: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        inputs: Tensor,
-        conv: nn.modules.conv._ConvNd,
-        slot: GradSlot,
-    ) -> Tensor:
-        """Pass ``output`` through; ``inputs`` are saved for the fallback (as autograd saves a convolution's)."""
-        ctx.conv, ctx.slot = conv, slot
-        ctx.save_for_backward(inputs)
-        # An alias rather than a view: in-place ops on the result (ReLU(inplace=True)) stay allowed.
-        return output.detach()
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        """The output's gradient passes through; weight and bias get the slot's gradients or computed ones."""
-        (inputs,) = ctx.saved_tensors
-        slot: GradSlot = ctx.slot
-        weight_grad, bias_grad = slot.weight, slot.bias
-        slot.weight = slot.bias = None
-        if torch.is_grad_enabled():
-            weight_grad = bias_grad = None
-        if ctx.needs_input_grad[1] and weight_grad is None:
-            weight_grad = batch_weight_grad(ctx.conv, inputs, grad_output)
-        if ctx.needs_input_grad[2] and bias_grad is None:
-            bias_grad = grad_output.sum([0, *range(2, grad_output.dim())])
-        return grad_output, weight_grad, bias_grad, None, None, None
+    assert isinstance(conv, nn.modules.conv._ConvNd)  # registered for convolutions only
+    weight_grad = batch_weight_grad(conv, inputs, grad_output) if weight else None
+    bias_grad = grad_output.sum([0, *range(2, grad_output.dim())]) if bias else None
+    return weight_grad, bias_grad
 
 
 def conv_sq_norm(

@@ -21,6 +21,14 @@ exact form, since :math:`G_i = g_i a_i^T` is an outer product:
 
 (one ``[N, L] @ [L, K]`` product). With several positions the Gram form has no weighted
 counterpart of lower cost, so ``G_i`` is materialised (in chunks) and weighted.
+
+**Handing autograd the sum.** The batch weight gradient is ``Σ_i G_i``. When the ``G_i`` of
+a sequence layer are built anyway, their sum replaces autograd's own weight-gradient
+product, which costs as much as building them: what remains is one pass over the ``G_i``.
+:func:`linear_fuses_weight_grads` decides this at the forward, from the shapes: long
+sequences against the layer's width (``K·L < T²(K+L) / c``, ``c`` measured on CPU), and
+:func:`linear_sq_norm_and_grads` returns the norms with the sums (see
+:mod:`~lightning_gns.sources.rules.fused`).
 """
 
 from __future__ import annotations
@@ -153,6 +161,164 @@ def _gram_sq_norm(grad_output: Tensor, activation: Tensor) -> Tensor:
 
 def _outer_sq_norm(grad_output: Tensor, activation: Tensor) -> Tensor:
     return torch.bmm(grad_output.transpose(1, 2), activation).square().sum((1, 2))
+
+
+# Building the per-example gradients (cache-sized chunks) and summing them for autograd costs about this many
+# multiply-adds of the Gram form per entry of G_i: measured on CPU (2 cores, MKL) for T = 8..256, K, L = 64..768.
+# On CUDA an estimate from the flop-to-byte ratio of current GPUs (unmeasured here): the Gram form is cheaper there.
+_FUSED_COST = {"cpu": 20.0, "cuda": 150.0}
+_FUSED_CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per chunk of per-example gradients: stays in cache
+
+
+def linear_fuses_weight_grads(module: nn.Module, activation: Tensor) -> bool:
+    """Whether building the per-example gradients and handing autograd their sum beats the Gram form.
+
+    Decided at the forward from the input's shape, so that autograd can be told not to
+    compute the weight gradient itself. Only sequence inputs (``[N, *, K]`` with more than
+    one position) qualify: a single position has the cheap rank-one form.
+
+    Args:
+        module: the linear layer.
+        activation: its input.
+
+    Returns:
+        ``True`` to fuse.
+
+    Example::
+
+        >>> layer = nn.Linear(128, 512)
+        >>> linear_fuses_weight_grads(layer, torch.ones(8, 64, 128))  # 64 positions: fused
+        True
+        >>> linear_fuses_weight_grads(layer, torch.ones(8, 4, 128))  # 4 positions: the Gram form is cheaper
+        False
+    """
+    if not isinstance(module, nn.Linear) or activation.dim() < 3:
+        return False
+    cost = _FUSED_COST.get(activation.device.type)
+    steps = activation[0, ..., 0].numel()
+    if cost is None or steps < 2:
+        return False
+    in_features, out_features = module.in_features, module.out_features
+    return cost * in_features * out_features < steps * steps * (in_features + out_features)
+
+
+def linear_batch_grads(
+    module: nn.Module, inputs: Tensor, grad_output: Tensor, weight: bool, bias: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """The batch gradients of a Linear's weight and bias (those asked for), as autograd computes them.
+
+    The fallback of :class:`~lightning_gns.sources.rules.fused.FusedParamGrads` for a Linear.
+
+    Args:
+        module: the linear layer.
+        inputs: ``[N, *, K]``.
+        grad_output: ``[N, *, L]``.
+        weight: compute the weight's.
+        bias: compute the bias's.
+
+    Returns:
+        The weight's and the bias's gradients, ``None`` where not asked for.
+
+    Example::
+
+        >>> layer = nn.Linear(2, 1)
+        >>> linear_batch_grads(layer, torch.ones(3, 4, 2), torch.ones(3, 4, 1), True, True)
+        (tensor([[12., 12.]]), tensor([12.]))
+    """
+    grad = grad_output.reshape(-1, grad_output.shape[-1])
+    weight_grad = grad.t().mm(inputs.reshape(-1, inputs.shape[-1])) if weight else None
+    bias_grad = grad.sum(0) if bias else None
+    return weight_grad, bias_grad
+
+
+def linear_input_grad(module: nn.Module, inputs: Tensor, grad_output: Tensor) -> Tensor:
+    """The gradient of a Linear's input, from the live weight (differentiable with respect to it).
+
+    Args:
+        module: the linear layer.
+        inputs: ``[N, *, K]`` (only its shape is used).
+        grad_output: ``[N, *, L]``.
+
+    Returns:
+        ``[N, *, K]``.
+
+    Example::
+
+        >>> layer = nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[1.0, -2.0]]))
+        >>> linear_input_grad(layer, torch.zeros(3, 2), torch.ones(3, 1))
+        tensor([[ 1., -2.],
+                [ 1., -2.],
+                [ 1., -2.]], grad_fn=<ViewBackward0>)
+    """
+    grad = grad_output.reshape(-1, grad_output.shape[-1])
+    weight = module.weight
+    assert isinstance(weight, Tensor)  # a Linear's
+    return grad.mm(weight).reshape(inputs.shape)
+
+
+def linear_sq_norm_and_grads(
+    module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor, *, weights: Mapping[str, Tensor] | None = None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`linear_sq_norm` from the per-example gradients, and their sums: the batch gradients.
+
+    Builds ``G_i`` in chunks that stay in cache (whatever :func:`sum_outer_sq_norm` would
+    pick), for a layer whose weight gradient autograd was told not to compute
+    (:func:`linear_fuses_weight_grads`). With ``weights`` only the norms are weighted: the
+    sums are the plain batch gradients.
+
+    Args:
+        module: the linear layer.
+        inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, *, K]``.
+        grad_output: the gradient flowing into its output, ``[N, *, L]``.
+        weights: elementwise weights of the squared gradient entries by parameter name, or ``None``.
+
+    Returns:
+        ``[N]`` squared norms, and the weight's and the bias's batch gradients (``None`` for a
+        frozen one), in the accumulation dtype.
+
+    Raises:
+        ValueError: if the input has no batch dimension.
+
+    Example::
+
+        >>> layer = nn.Linear(1, 1)
+        >>> x = torch.tensor([[[1.0], [2.0]], [[0.0], [3.0]]])  # two sequences of two positions
+        >>> linear_sq_norm_and_grads(layer, (x,), torch.ones(2, 2, 1))  # G_i = 3 and 3, biases 2 and 2
+        (tensor([13., 13.]), tensor([[6.]]), tensor([4.]))
+    """
+    activation = inputs[0]
+    if activation.dim() < 2:
+        raise ValueError(
+            f"Per-example norms need a batch dimension, but `{type(module).__name__}` got an input of shape "
+            f"{tuple(activation.shape)}. Feed batched inputs of shape [N, *, in_features]."
+        )
+    dtype = accumulation_dtype(grad_output)
+    batch = grad_output.shape[0]
+    grad = grad_output.reshape(batch, -1, grad_output.shape[-1]).to(dtype)
+    result = grad.new_zeros(batch)
+    weight, bias = module.weight, module.bias
+    weight_grad = bias_grad = None
+    if isinstance(weight, Tensor) and weight.requires_grad:
+        act = activation.reshape(batch, -1, activation.shape[-1]).to(dtype)
+        sq_weight = param_weight(weights, "weight", dtype)
+        chunk = max(1, _FUSED_CHUNK_ELEMENTS // weight.numel())
+        norms = []
+        for start in range(0, batch, chunk):
+            outer = torch.bmm(grad[start : start + chunk].transpose(1, 2), act[start : start + chunk])  # [c, L, K]
+            if sq_weight is None:
+                norms.append(torch.linalg.vector_norm(outer, dim=(1, 2)).square())
+            else:
+                norms.append((outer.square() * sq_weight).sum((1, 2)))
+            summed = outer.sum(0)
+            weight_grad = summed if weight_grad is None else weight_grad.add_(summed)
+        result = result + (norms[0] if len(norms) == 1 else torch.cat(norms))
+    if isinstance(bias, Tensor) and bias.requires_grad:
+        per_example = grad.sum(1)
+        result = result + weighted_sum_sq(per_example, param_weight(weights, "bias", dtype))
+        bias_grad = per_example.sum(0)
+    return result, weight_grad, bias_grad
 
 
 def linear_sq_norm(
