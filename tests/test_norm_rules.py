@@ -14,6 +14,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from lightning_gns.sources.rules import (
     conv,
+    embedding,
     get_call_rule,
     get_norm_rule,
     linear,
@@ -296,8 +297,15 @@ def test_conv_refuses_unbatched_input_and_other_layers():
     scale_grad_by_freq=st.booleans(),
     reduction=st.sampled_from(["sum", "mean"]),
     weighted=st.booleans(),
+    gram=st.booleans(),
 )
-def test_embedding_matches_exact(batch, steps, vocab, padding_idx, scale_grad_by_freq, reduction, weighted):
+def test_embedding_matches_exact(batch, steps, vocab, padding_idx, scale_grad_by_freq, reduction, weighted, gram):
+    # Both forms, whatever the length: the Gram form over positions and the sorted scatter.
+    with mock.patch.object(embedding, "_GRAM_MAX_STEPS", 10**6 if gram else 0):
+        check_embedding(batch, steps, vocab, padding_idx, scale_grad_by_freq, reduction, weighted)
+
+
+def check_embedding(batch, steps, vocab, padding_idx, scale_grad_by_freq, reduction, weighted):
     if padding_idx is not None and padding_idx >= vocab:
         padding_idx = None
     torch.manual_seed(steps)
