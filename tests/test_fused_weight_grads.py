@@ -133,7 +133,34 @@ def seqs(dtype: torch.dtype = torch.float64) -> tuple[nn.Module, Tensor, Tensor]
     return Seqs().to(dtype), torch.randn(5, 24, 6, dtype=dtype), torch.randint(0, 3, (5,))
 
 
-BUILDERS = {"conv": convs, "linear": seqs}
+class Norms(nn.Module):
+    """GroupNorm first (on the raw input: no input gradient unless the input asks) and after a convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.GroupNorm(1, 3),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.Tanh(),
+            nn.GroupNorm(2, 8),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(8 * 6 * 6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.finish(self.body(x))
+
+    def finish(self, features: Tensor) -> Tensor:
+        return self.head(features.flatten(1))
+
+
+def norms(dtype: torch.dtype = torch.float64) -> tuple[nn.Module, Tensor, Tensor]:
+    x = 2 * torch.randn(5, 3, 6, 6, dtype=dtype) + 1
+    return Norms().to(dtype), x, torch.randint(0, 3, (5,))
+
+
+BUILDERS = {"conv": convs, "linear": seqs, "group_norm": norms}
 both_kinds = pytest.mark.parametrize("kind", list(BUILDERS))
 
 
@@ -155,6 +182,24 @@ def test_linear_grads_equal_plain_autograd_and_norms_stay_exact(reduction):
     norms = compare(model, cnn_step(x, y, reduction))
     expected = sq_norms_by_vmap(model, cross_entropy_per_example, x, y) / (1 if reduction == "sum" else 5**2)
     torch.testing.assert_close(norms.sq_norms(), expected, rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_group_norm_runs_the_whole_backward_and_stays_exact(reduction):
+    model, x, y = norms()
+    x.requires_grad_(True)  # the first GroupNorm then hands back the input gradient too
+    plain, x_plain = copy.deepcopy(model), x.detach().clone().requires_grad_(True)
+    cnn_step(x_plain, y, reduction)(plain)
+    seen: list[bool] = []
+    for layer in (model.body[0], model.body[4]):
+        layer.register_forward_hook(lambda m, args, out: seen.append(m.weight.requires_grad))
+    with PerExampleGradNorms(model) as engine:
+        cnn_step(x, y, reduction)(model)
+    assert seen == [False, False]  # fused
+    assert_same_grads(grads(model), grads(plain))
+    torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-10, atol=1e-14)
+    expected = sq_norms_by_vmap(model, cross_entropy_per_example, x.detach(), y) / (1 if reduction == "sum" else 25)
+    torch.testing.assert_close(engine.sq_norms(), expected, rtol=1e-8, atol=0)
 
 
 def test_linear_fusion_is_decided_by_the_shapes():

@@ -33,8 +33,9 @@ weights (keyword ``weights``), and units whose rule does not are measured by the
 A convolution's rule, and a Linear's on long sequences, build the per-example weight
 gradients whose sum is the batch's weight gradient; by default the engine hands autograd that
 sum instead of letting autograd compute the gradient again (``fuse_weight_grads``,
-:class:`~lightning_gns.sources.rules.fused.FusedParamGrads`). The sum is of the unweighted
-per-example gradients, preconditioned norms or not.
+:class:`~lightning_gns.sources.rules.fused.FusedParamGrads`). GroupNorm's rule runs the layer's
+whole backward (input gradient included) in the one kernel call that gives its norms. The sum
+is of the unweighted per-example gradients, preconditioned norms or not.
 """
 
 from __future__ import annotations
@@ -75,8 +76,10 @@ from lightning_gns.sources.rules.linear import (
 from lightning_gns.sources.rules.normalization import (
     batch_norm_coupling_error,
     batch_norm_uses_batch_statistics,
+    group_norm_batch_grads,
     group_norm_saved_stats,
     group_norm_sq_norm,
+    group_norm_sq_norm_and_grads,
     group_norm_sq_norm_from_stats,
     layer_norm_saved_stats,
     layer_norm_sq_norm,
@@ -222,7 +225,7 @@ class PerExampleGradNorms:
             attribute, so it can be set between backward passes.
         fuse_weight_grads: let the rules of convolutions, and of Linear layers on sequences long
             against their width (:func:`~lightning_gns.sources.rules.linear.linear_fuses_weight_grads`),
-            supply the batch gradients of weight and bias, as the sums of the per-example gradients
+            and of GroupNorm, supply the batch gradients of weight and bias, as the sums of the per-example gradients
             they build, instead of autograd computing them a second time (on the benchmark CNN this
             removes almost half of the overhead). During the forward of such a layer, its weight and
             bias then have ``requires_grad`` switched off, and a node on its output hands autograd
@@ -537,6 +540,7 @@ class PerExampleGradNorms:
                 capture.__exit__(None, None, None)
                 captured = capture.captured
         slot = None
+        layer_node = output.grad_fn if isinstance(output, Tensor) else None
         fusing = self._fusing.get(id(unit))
         fused = fusing.pop() if fusing else []
         if fused:
@@ -544,7 +548,7 @@ class PerExampleGradNorms:
                 param.requires_grad_(True)
             if isinstance(output, Tensor):
                 # The parameters' gradients now flow through this node, from the rule's per-example gradients.
-                slot = GradSlot()
+                slot = GradSlot(wants_inputs=args[0].requires_grad)
                 rule = _fused_rule(unit)
                 output = FusedParamGrads.apply(
                     output, module.weight, module.bias, args[0], module, slot, rule.batch_grads, rule.input_grad
@@ -588,7 +592,7 @@ class PerExampleGradNorms:
             )
         call.grad_slot = slot
         if unit.rule in _RULES_FROM_SAVED_STATS and _saves_tensors_plainly():
-            call.node = outputs[0].grad_fn
+            call.node = layer_node
         assert unit.group is not None  # set by attach
         unit.group.pending.add(call)
         if captured is not None and outputs[0].requires_grad:
@@ -782,10 +786,8 @@ class PerExampleGradNorms:
                 slot = call.grad_slot
                 if slot is not None:
                     # Weighted norms (with weights), but the plain sums of the per-example gradients for autograd.
-                    sq_norms, slot.weight, slot.bias = _FUSED_RULES[unit.rule].sq_norm_and_grads(
-                        unit.module, call.args, grad_output, **rule_kwargs
-                    )
-                    return sq_norms
+                    fill = _FUSED_RULES[unit.rule].sq_norm_and_grads
+                    return fill(unit.module, call.args, grad_output, call.node, slot, **rule_kwargs)
                 if call.node is not None:
                     read_stats, rule_from_stats = _RULES_FROM_SAVED_STATS[unit.rule]
                     stats = read_stats(call.node, unit.module, grad_output)
@@ -934,23 +936,56 @@ def _saves_tensors_plainly() -> bool:
     return top is not None and top(False) is None
 
 
+def _sums_only(
+    sq_norm_and_grads: Callable[..., tuple[Tensor, Tensor | None, Tensor | None]],
+) -> Callable[..., Tensor]:
+    """Adapt a rule that returns norms and parameter sums to fill a slot."""
+
+    def fill(
+        module: nn.Module, args: tuple[Any, ...], grad_output: Tensor, node: Any, slot: GradSlot, **kw: Any
+    ) -> Tensor:
+        sq_norms, slot.weight, slot.bias = sq_norm_and_grads(module, args, grad_output, **kw)
+        return sq_norms
+
+    return fill
+
+
+def _group_norm_whole_backward(
+    module: nn.Module, args: tuple[Any, ...], grad_output: Tensor, node: Any, slot: GradSlot, **kw: Any
+) -> Tensor:
+    stats = group_norm_saved_stats(node, module, grad_output) if node is not None else None
+    sq_norms, slot.weight, slot.bias, slot.inputs = group_norm_sq_norm_and_grads(
+        module, args, grad_output, stats, slot.wants_inputs, **kw
+    )
+    slot.whole_backward = True
+    return sq_norms
+
+
 @dataclass(frozen=True)
 class _FusedRule:
     """How a built-in rule that builds per-example gradients hands autograd their sums."""
 
     layer: type[nn.Module]
     worth_it: Callable[[nn.Module, Tensor], bool]  # at the forward, from the input
-    sq_norm_and_grads: Callable[..., tuple[Tensor, Tensor | None, Tensor | None]]
+    sq_norm_and_grads: Callable[..., Tensor]  # (module, args, grad_output, node, slot, **weights) -> norms; fills slot
     batch_grads: BatchGrads  # the fallback, as autograd computes them
     input_grad: InputGrad | None  # for a layer whose own backward would hold the weight fixed (see FusedParamGrads)
 
 
 _FUSED_RULES: dict[Callable[..., Tensor], _FusedRule] = {
     conv_sq_norm: _FusedRule(
-        nn.modules.conv._ConvNd, lambda module, x: True, conv_sq_norm_and_grads, conv_batch_grads, None
+        nn.modules.conv._ConvNd, lambda module, x: True, _sums_only(conv_sq_norm_and_grads), conv_batch_grads, None
     ),
     linear_sq_norm: _FusedRule(
-        nn.Linear, linear_fuses_weight_grads, linear_sq_norm_and_grads, linear_batch_grads, linear_input_grad
+        nn.Linear,
+        linear_fuses_weight_grads,
+        _sums_only(linear_sq_norm_and_grads),
+        linear_batch_grads,
+        linear_input_grad,
+    ),
+    # GroupNorm's rule runs the layer's whole backward in one kernel call (norms, parameter sums, input gradient).
+    group_norm_sq_norm: _FusedRule(
+        nn.GroupNorm, lambda module, x: True, _group_norm_whole_backward, group_norm_batch_grads, None
     ),
 }
 

@@ -27,13 +27,22 @@ InputGrad = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
 class GradSlot:
-    """Where the per-example engine leaves a layer's batch gradients for :class:`FusedParamGrads`."""
+    """Where the per-example engine leaves a layer's batch gradients for :class:`FusedParamGrads`.
 
-    __slots__ = ("bias", "weight")
+    A rule that runs the whole backward of its layer (GroupNorm) sets ``whole_backward`` and
+    leaves the input gradient in ``inputs`` (``None`` when the input needs none): the layer's
+    own node then gets no gradient and does nothing. ``wants_inputs`` tells the rule whether
+    the forward's input needs a gradient.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("bias", "inputs", "wants_inputs", "weight", "whole_backward")
+
+    def __init__(self, wants_inputs: bool = False) -> None:
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
+        self.inputs: Tensor | None = None
+        self.wants_inputs = wants_inputs
+        self.whole_backward = False
 
 
 class FusedParamGrads(torch.autograd.Function):
@@ -79,8 +88,9 @@ class FusedParamGrads(torch.autograd.Function):
         """The output's gradient passes through; weight and bias get the slot's gradients or computed ones."""
         (inputs,) = ctx.saved_tensors
         slot: GradSlot = ctx.slot
-        weight_grad, bias_grad = slot.weight, slot.bias
-        slot.weight = slot.bias = None
+        weight_grad, bias_grad, inputs_grad, whole = slot.weight, slot.bias, slot.inputs, slot.whole_backward
+        slot.weight = slot.bias = slot.inputs = None
+        slot.whole_backward = False
         double_backward = torch.is_grad_enabled()
         if double_backward:
             weight_grad = bias_grad = None
@@ -90,7 +100,21 @@ class FusedParamGrads(torch.autograd.Function):
             computed_weight, computed_bias = ctx.batch_grads(ctx.module, inputs, grad_output, need_weight, need_bias)
             weight_grad = computed_weight if need_weight else weight_grad
             bias_grad = computed_bias if need_bias else bias_grad
-        if double_backward and ctx.input_grad is not None:
+        if double_backward:
+            if ctx.input_grad is None:
+                return grad_output, weight_grad, bias_grad, None, None, None, None, None
             inputs_grad = ctx.input_grad(ctx.module, inputs, grad_output) if ctx.needs_input_grad[3] else None
             return None, weight_grad, bias_grad, inputs_grad, None, None, None, None
+        if whole:
+            # The rule ran the layer's whole backward: its own node gets nothing.
+            return (
+                None,
+                weight_grad,
+                bias_grad,
+                inputs_grad if ctx.needs_input_grad[3] else None,
+                None,
+                None,
+                None,
+                None,
+            )
         return grad_output, weight_grad, bias_grad, None, None, None, None, None

@@ -351,6 +351,110 @@ def group_norm_sq_norm_from_stats(
     return result
 
 
+def group_norm_sq_norm_and_grads(
+    module: nn.Module,
+    inputs: tuple[Tensor, ...],
+    grad_output: Tensor,
+    stats: tuple[Tensor, Tensor] | None,
+    input_grad: bool,
+    *,
+    weights: Weights = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`group_norm_sq_norm_from_stats`, with the layer's whole backward from the same kernel call.
+
+    The stacked call of the layer's backward kernel (one example of ``N·C`` channels, the
+    scale repeated per example) gives the input gradient as the layer's own backward does
+    (same groups, same statistics) together with the per-example gradients of scale and
+    shift; their sums are the batch gradients. The per-example engine hands all three to
+    autograd, whose own GroupNorm node then has nothing left to do.
+
+    Args:
+        module: the layer (affine).
+        inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, C, *]``.
+        grad_output: the gradient flowing into its output, same shape.
+        stats: the forward's mean and reciprocal standard deviation, ``[N, G]`` each, or ``None``.
+        input_grad: also compute the input gradient.
+        weights: elementwise weights of the squared gradient entries by parameter name, or ``None``.
+
+    Returns:
+        ``[N]`` squared norms, the scale's and the shift's batch gradients (``None`` if frozen)
+        and the input gradient (``None`` unless asked for), the gradients in the input's dtype.
+
+    Raises:
+        TypeError: if ``module`` is not an affine GroupNorm.
+        ValueError: if the input has no batch dimension.
+
+    Example::
+
+        >>> gn = nn.GroupNorm(1, 2)
+        >>> x = torch.tensor([[[1.0], [-1.0]]])  # x̂ = (1, -1)
+        >>> norms, scale, shift, dx = group_norm_sq_norm_and_grads(gn, (x,), torch.ones(1, 2, 1), None, True)
+        >>> norms, scale, shift  # |g⊙x̂|² + |g|² ≈ 2 + 2
+        (tensor([4.0000]), tensor([ 1.0000, -1.0000]), tensor([1., 1.]))
+    """
+    if not isinstance(module, nn.GroupNorm) or not isinstance(module.weight, Tensor):
+        raise TypeError(f"`group_norm_sq_norm_and_grads` expects an affine nn.GroupNorm, got `{module}`.")
+    activation = inputs[0]
+    _require_batch(module, activation, 2, "[N, C, *]")
+    weight, bias = module.weight, module.bias
+    mask = [input_grad, weight.requires_grad, isinstance(bias, Tensor) and bias.requires_grad]
+    batch, channels = grad_output.shape[:2]
+    size, groups = batch * channels, batch * module.num_groups
+    positions = grad_output[0, 0].numel()
+    stacked = activation.reshape(1, size, positions).contiguous()
+    if stats is None:
+        _, mean, rstd = torch.native_group_norm(stacked, None, None, 1, size, positions, groups, module.eps)
+    else:
+        mean, rstd = stats[0].reshape(1, groups), stats[1].reshape(1, groups)
+    grad = grad_output.reshape(1, size, positions).contiguous()
+    scale = weight.detach().expand(batch, channels).reshape(size)
+    dx, per_scale, per_shift = torch.ops.aten.native_group_norm_backward(
+        grad, stacked, mean, rstd, scale, 1, size, positions, groups, mask
+    )
+    acc = accumulation_dtype(grad_output)
+    result = grad.new_zeros(batch, dtype=acc)
+    sums: dict[str, Tensor | None] = {"weight": None, "bias": None}
+    for name, per_channel in (("weight", per_scale), ("bias", per_shift)):
+        if per_channel is not None:
+            per_example = per_channel.view(batch, channels)
+            result = result + weighted_sum_sq(per_example.to(acc), param_weight(weights, name, acc))
+            sums[name] = per_example.sum(0)
+    return result, sums["weight"], sums["bias"], None if dx is None else dx.view_as(activation)
+
+
+def group_norm_batch_grads(
+    module: nn.Module, inputs: Tensor, grad_output: Tensor, weight: bool, bias: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """The batch gradients of a GroupNorm's scale and shift (those asked for), as autograd computes them.
+
+    The fallback of :class:`~lightning_gns.sources.rules.fused.FusedParamGrads` for a
+    GroupNorm; differentiable (a gradient penalty differentiates it again).
+
+    Args:
+        module: the layer.
+        inputs: ``[N, C, *]``.
+        grad_output: the gradient flowing into its output, same shape.
+        weight: compute the scale's.
+        bias: compute the shift's.
+
+    Returns:
+        The scale's and the shift's gradients, ``None`` where not asked for.
+
+    Example::
+
+        >>> gn = nn.GroupNorm(1, 2)
+        >>> group_norm_batch_grads(gn, torch.tensor([[[1.0], [-1.0]]]), torch.ones(1, 2, 1), True, True)
+        (tensor([ 1.0000, -1.0000]), tensor([1., 1.]))
+    """
+    assert isinstance(module, nn.GroupNorm)  # registered for GroupNorm only
+    dims = [0, *range(2, grad_output.dim())]
+    scale_grad = None
+    if weight:
+        normalized = F.group_norm(inputs, module.num_groups, None, None, module.eps)
+        scale_grad = (grad_output * normalized).sum(dims)
+    return scale_grad, grad_output.sum(dims) if bias else None
+
+
 def group_norm_saved_stats(node: Any, module: nn.Module, grad_output: Tensor) -> tuple[Tensor, Tensor] | None:
     """The statistics that a GroupNorm's forward saved for its backward, if ``node`` is that backward.
 
