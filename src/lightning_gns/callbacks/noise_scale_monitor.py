@@ -67,8 +67,8 @@ class NoiseScaleMonitor(Callback):
     ``b_simple_std``          delta-method standard error
     ``trace_sigma``           smoothed estimate of tr Σ
     ``grad_sq_norm``          smoothed estimate of |G|²
-    ``b_crit``                suggested batch size: ``b_crit_factor`` × B_simple (B_simple has been measured
-                              1.4–5× above the critical batch size of a sweep; lower the factor to be cautious)
+    ``b_crit``                suggested batch size: ``b_crit_factor`` × B_simple (B_simple has been found
+                              0.2–5× a sweep's critical batch size; see docs/batch_size_benchmark.md)
     ``batch_size``            the step's big batch (examples per optimizer step, all ranks)
     ``examples``              examples seen by the optimizer steps so far (all ranks)
     ``num_skipped``           steps left out so far because their gradients were not finite

@@ -159,8 +159,9 @@ def format_result(result: DemoResult) -> str:
     else:
         lines.append(
             f"Suggested batch size: {suggestion} (B_crit ≈ B_simple = {final['b_crit']:.0f}, 90% interval "
-            f"[{final['b_simple_lower']:.0f}, {final['b_simple_upper']:.0f}]). B_simple ignores curvature and has "
-            "been measured 1.4–5× above the critical batch size of a sweep: treat it as an upper guide."
+            f"[{final['b_simple_lower']:.0f}, {final['b_simple_upper']:.0f}]). B_simple ignores curvature: "
+            "papers found it 1.4–5× above a sweep's critical batch size, our growth benchmark 0.2–0.8× of it "
+            "(docs/batch_size_benchmark.md): treat it as a guide, not a law."
         )
     lines.append(f"Logs: tensorboard --logdir {result.log_dir}")
     return "\n".join(lines)

@@ -165,9 +165,9 @@ def _reading_the_suggestion(summary: RunSummary) -> list[Block]:
             )
         ]
     text = (
-        "B_simple ignores the curvature of the loss: it has been measured 1.4–5× above the critical batch size "
-        "that a sweep of fixed batch sizes finds. Treat the suggestion as an upper guide to the batch size beyond "
-        "which larger batches stop buying fewer steps."
+        "B_simple ignores the curvature of the loss: papers found it 1.4–5× above the critical batch size that a "
+        "sweep of fixed batch sizes finds, this project's growth benchmark 0.2–0.8× of it. Treat the suggestion as "
+        "a guide to the batch size beyond which larger batches stop buying fewer steps, not as a law."
     )
     steps, examples = summary.predicted_at(summary.batch_size)
     if math.isfinite(steps):
