@@ -65,8 +65,9 @@ def _bench_model(name: str, rank: int, world: int, rounds: int, inner: int, flus
     for kind in ("plain", "ddp_source", "plain", "ddp_source"):  # burn-in
         step(kind)
     ratios, times = [], {"plain": [], "ddp_source": []}
-    for _ in range(rounds):
-        for kind in ("plain", "ddp_source"):
+    for index in range(rounds):
+        # The order alternates from round to round, so that whatever the first of the two pays hits both alike.
+        for kind in ("plain", "ddp_source") if index % 2 == 0 else ("ddp_source", "plain"):
             dist.barrier()
             start = time.perf_counter()
             for _ in range(inner):
@@ -77,6 +78,7 @@ def _bench_model(name: str, rank: int, world: int, rounds: int, inner: int, flus
         "plain_ms": statistics.median(times["plain"]),
         "ddp_source_ms": statistics.median(times["ddp_source"]),
         "ratio": statistics.median(ratios),
+        "ratio_quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3,
     }
 
 
@@ -95,7 +97,7 @@ def _worker(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="mlp,transformer")
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--inner", type=int, default=5)
     parser.add_argument("--flush-every", type=int, default=10, help="steps per cross-rank average (log period)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ddp_overhead.json")
@@ -109,13 +111,18 @@ def main() -> None:
         start_method="spawn",
     )
     results = json.loads(args.out.read_text())
-    lines = ["| task | plain DDP ms | with ddp source ms | × plain |", "|---|---|---|---|"]
+    lines = ["| task | plain DDP ms | with ddp source ms | × plain [interquartile range] |", "|---|---|---|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['plain_ms']:.1f} | {r['ddp_source_ms']:.1f} | {r['ratio']:.3f} |")
+        q1, _, q3 = r["ratio_quartiles"]
+        lines.append(
+            f"| {name} | {r['plain_ms']:.1f} | {r['ddp_source_ms']:.1f} | {r['ratio']:.3f} [{q1:.3f}, {q3:.3f}] |"
+        )
     table = "\n".join(lines)
     print(table)
     args.out.with_suffix(".md").write_text(
-        "# ddp source: overhead on a DDP step (2 gloo processes on CPU)\n\n" + table + "\n"
+        "# ddp source: overhead on a DDP step (2 gloo processes on CPU)\n\n"
+        f"`python benchmarks/bench_ddp.py --models {args.models} --rounds {args.rounds} --inner {args.inner}`; "
+        "the median over rounds of the ratio within each round, the order of the two alternating.\n\n" + table + "\n"
     )
 
 
