@@ -288,15 +288,8 @@ def linear_sq_norm_and_grads(
         >>> linear_sq_norm_and_grads(layer, (x,), torch.ones(2, 2, 1))  # G_i = 3 and 3, biases 2 and 2
         (tensor([13., 13.]), tensor([[6.]]), tensor([4.]))
     """
-    activation = inputs[0]
-    if activation.dim() < 2:
-        raise ValueError(
-            f"Per-example norms need a batch dimension, but `{type(module).__name__}` got an input of shape "
-            f"{tuple(activation.shape)}. Feed batched inputs of shape [N, *, in_features]."
-        )
-    dtype = accumulation_dtype(grad_output)
-    batch = grad_output.shape[0]
-    grad = grad_output.reshape(batch, -1, grad_output.shape[-1]).to(dtype)
+    activation, grad = _as_sequences(module, inputs[0], grad_output)
+    dtype, batch = grad.dtype, grad.shape[0]
     result = grad.new_zeros(batch)
     weight, bias = module.weight, module.bias
     weight_grad = bias_grad = None
@@ -319,6 +312,17 @@ def linear_sq_norm_and_grads(
         result = result + weighted_sum_sq(per_example, param_weight(weights, "bias", dtype))
         bias_grad = per_example.sum(0)
     return result, weight_grad, bias_grad
+
+
+def _as_sequences(module: nn.Module, activation: Tensor, grad_output: Tensor) -> tuple[Tensor, Tensor]:
+    """The input (checked for a batch dimension) and the output gradient as ``[N, T, L]``, accumulation dtype."""
+    if activation.dim() < 2:
+        raise ValueError(
+            f"Per-example norms need a batch dimension, but `{type(module).__name__}` got an input of shape "
+            f"{tuple(activation.shape)}. Feed batched inputs of shape [N, *, in_features]."
+        )
+    batch = grad_output.shape[0]
+    return activation, grad_output.reshape(batch, -1, grad_output.shape[-1]).to(accumulation_dtype(grad_output))
 
 
 def linear_sq_norm(
@@ -348,15 +352,8 @@ def linear_sq_norm(
         >>> linear_sq_norm(layer, (torch.ones(4, 3),), torch.ones(4, 2))  # |g|²|a|² + |g|² = 2·3 + 2
         tensor([8., 8., 8., 8.])
     """
-    activation = inputs[0]
-    if activation.dim() < 2:
-        raise ValueError(
-            f"Per-example norms need a batch dimension, but `{type(module).__name__}` got an input of shape "
-            f"{tuple(activation.shape)}. Feed batched inputs of shape [N, *, in_features]."
-        )
-    dtype = accumulation_dtype(grad_output)
-    batch = grad_output.shape[0]
-    grad = grad_output.reshape(batch, -1, grad_output.shape[-1]).to(dtype)
+    activation, grad = _as_sequences(module, inputs[0], grad_output)
+    dtype, batch = grad.dtype, grad.shape[0]
     result = grad.new_zeros(batch)
     weight, bias = module.weight, module.bias
     if isinstance(weight, Tensor) and weight.requires_grad:
