@@ -705,3 +705,33 @@ def test_norm_layers_reuse_the_forward_statistics(monkeypatch, checkpointed, lay
     # Under checkpointing GroupNorm's fused rule still runs (from recomputed statistics); LayerNorm's plain rule does.
     assert seen == ([False, False] if layer == "group_norm" else []) if checkpointed else [True, True]
     assert_close(norms.sq_norms(), sq_norms_by_vmap(model, cross_entropy_per_example, x, y))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("length", [3, 40])  # short: the Gram form, the output a view; long: fused
+def test_inplace_op_on_a_sequence_linear_output_is_measured(fuse, length):
+    # nn.Linear on [N, T, K] returns a view; an in-place op on it (ReLU(inplace=True)) used to drop the hook.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 4)).double()
+    x, y = torch.randn(5, length, 6, dtype=torch.float64), torch.randint(0, 4, (5, length))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnmeasuredParameterWarning)
+        with PerExampleGradNorms(model, fuse_weight_grads=fuse) as norms:
+            cross_entropy_per_example(model(x), y).sum().backward()
+    assert_close(norms.sq_norms(), sq_norms_by_vmap(model, cross_entropy_per_example, x, y))
+
+
+def test_inplace_op_on_a_sequence_linear_output_under_autocast():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 4))
+    x, y = torch.randn(5, 3, 6), torch.randint(0, 4, (5, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnmeasuredParameterWarning)
+        with PerExampleGradNorms(model) as norms:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(x)
+            cross_entropy_per_example(logits.float(), y).sum().backward()
+    assert norms.measured_modules == ["0", "2"]
+    # bfloat16 activations: the norms agree with the float32 truth to bfloat16 precision.
+    expected = sq_norms_by_vmap(model, cross_entropy_per_example, x, y)
+    torch.testing.assert_close(norms.sq_norms().double(), expected.double(), rtol=5e-2, atol=0)

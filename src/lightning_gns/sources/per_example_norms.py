@@ -556,6 +556,10 @@ class PerExampleGradNorms:
         replaced = output if slot is not None else None
         if output is None or not self._recording():
             return replaced
+        if isinstance(output, Tensor) and output.requires_grad and output._is_view():
+            # A hook on a view (Linear on [N, T, K] returns one) is lost when an in-place op (ReLU(inplace=True))
+            # rebases the view's history; an alias that is not a view keeps it.
+            output = replaced = _NotAView.apply(output)
         if isinstance(output, Tensor):  # the common case, without walking a pytree
             outputs = [output]
         else:
@@ -913,6 +917,18 @@ def _accepts_weights(rule: Callable[..., Any]) -> bool:
 
 def _device_type(grads: tuple[Tensor | None, ...]) -> str:
     return next(g.device.type for g in grads if g is not None)
+
+
+class _NotAView(torch.autograd.Function):
+    """Identity whose output is not a view, so that a hook on it survives in-place ops."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        return tensor.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
 
 
 def _release(call: _Call) -> None:
