@@ -322,33 +322,7 @@ def group_norm_sq_norm_from_stats(
         >>> group_norm_sq_norm_from_stats(gn, (x,), torch.ones(1, 2, 1), (mean, rstd))  # |g⊙x̂|² + |g|² = 2 + 2
         tensor([4.])
     """
-    if not isinstance(module, nn.GroupNorm):
-        raise TypeError(f"`group_norm_sq_norm` expects an nn.GroupNorm, but got `{type(module).__name__}`.")
-    _require_batch(module, inputs[0], 2, "[N, C, *]")
-    weight, bias = module.weight, module.bias
-    mask = [False, isinstance(weight, Tensor) and weight.requires_grad, isinstance(bias, Tensor) and bias.requires_grad]
-    dtype = accumulation_dtype(grad_output)
-    batch, channels = grad_output.shape[:2]
-    if not any(mask):
-        return grad_output.new_zeros(batch, dtype=dtype)
-    size, groups = batch * channels, batch * module.num_groups
-    positions = grad_output[0, 0].numel()
-    stacked = inputs[0].to(dtype).reshape(1, size, positions).contiguous()
-    if stats is None:
-        _, mean, rstd = torch.native_group_norm(stacked, None, None, 1, size, positions, groups, module.eps)
-    else:
-        mean, rstd = stats[0].reshape(1, groups), stats[1].reshape(1, groups)
-    # The kernel wants a weight even when it computes no input gradient; an expanded scalar allocates nothing.
-    ones = stacked.new_ones(1).expand(size)
-    grad = grad_output.to(dtype).reshape(1, size, positions).contiguous()
-    _, weight_grad, bias_grad = torch.ops.aten.native_group_norm_backward(
-        grad, stacked, mean, rstd, ones, 1, size, positions, groups, mask
-    )
-    result = grad.new_zeros(batch)
-    for name, per_channel in (("weight", weight_grad), ("bias", bias_grad)):
-        if per_channel is not None:
-            result = result + weighted_sum_sq(per_channel.view(batch, channels), param_weight(weights, name, dtype))
-    return result
+    return group_norm_sq_norm_and_grads(module, inputs, grad_output, stats, False, weights=weights)[0]
 
 
 def group_norm_sq_norm_and_grads(
@@ -369,19 +343,20 @@ def group_norm_sq_norm_and_grads(
     autograd, whose own GroupNorm node then has nothing left to do.
 
     Args:
-        module: the layer (affine).
+        module: the layer.
         inputs: the positional inputs of its forward; ``inputs[0]`` is ``[N, C, *]``.
         grad_output: the gradient flowing into its output, same shape.
-        stats: the forward's mean and reciprocal standard deviation, ``[N, G]`` each, or ``None``.
+        stats: the forward's mean and reciprocal standard deviation, ``[N, G]`` each (in the
+            accumulation dtype), or ``None`` to compute them.
         input_grad: also compute the input gradient.
         weights: elementwise weights of the squared gradient entries by parameter name, or ``None``.
 
     Returns:
         ``[N]`` squared norms, the scale's and the shift's batch gradients (``None`` if frozen)
-        and the input gradient (``None`` unless asked for), the gradients in the input's dtype.
+        and the input gradient (``None`` unless asked for), in the accumulation dtype.
 
     Raises:
-        TypeError: if ``module`` is not an affine GroupNorm.
+        TypeError: if ``module`` is not a GroupNorm.
         ValueError: if the input has no batch dimension.
 
     Example::
@@ -392,34 +367,41 @@ def group_norm_sq_norm_and_grads(
         >>> norms, scale, shift  # |g⊙x̂|² + |g|² ≈ 2 + 2
         (tensor([4.0000]), tensor([ 1.0000, -1.0000]), tensor([1., 1.]))
     """
-    if not isinstance(module, nn.GroupNorm) or not isinstance(module.weight, Tensor):
-        raise TypeError(f"`group_norm_sq_norm_and_grads` expects an affine nn.GroupNorm, got `{module}`.")
-    activation = inputs[0]
-    _require_batch(module, activation, 2, "[N, C, *]")
+    if not isinstance(module, nn.GroupNorm):
+        raise TypeError(f"`group_norm_sq_norm` expects an nn.GroupNorm, but got `{type(module).__name__}`.")
+    _require_batch(module, inputs[0], 2, "[N, C, *]")
     weight, bias = module.weight, module.bias
-    mask = [input_grad, weight.requires_grad, isinstance(bias, Tensor) and bias.requires_grad]
+    mask = [input_grad, isinstance(weight, Tensor) and weight.requires_grad]
+    mask.append(isinstance(bias, Tensor) and bias.requires_grad)
+    dtype = accumulation_dtype(grad_output)
     batch, channels = grad_output.shape[:2]
+    if not any(mask):
+        return grad_output.new_zeros(batch, dtype=dtype), None, None, None
     size, groups = batch * channels, batch * module.num_groups
     positions = grad_output[0, 0].numel()
-    stacked = activation.reshape(1, size, positions).contiguous()
+    stacked = inputs[0].to(dtype).reshape(1, size, positions).contiguous()
     if stats is None:
         _, mean, rstd = torch.native_group_norm(stacked, None, None, 1, size, positions, groups, module.eps)
     else:
         mean, rstd = stats[0].reshape(1, groups), stats[1].reshape(1, groups)
-    grad = grad_output.reshape(1, size, positions).contiguous()
-    scale = weight.detach().expand(batch, channels).reshape(size)
+    grad = grad_output.to(dtype).reshape(1, size, positions).contiguous()
+    # The kernel wants a scale even when it computes no input gradient (an expanded scalar allocates nothing);
+    # only the input gradient depends on it.
+    if isinstance(weight, Tensor):
+        scale = weight.detach().to(dtype).expand(batch, channels).reshape(size)
+    else:
+        scale = stacked.new_ones(1).expand(size)
     dx, per_scale, per_shift = torch.ops.aten.native_group_norm_backward(
         grad, stacked, mean, rstd, scale, 1, size, positions, groups, mask
     )
-    acc = accumulation_dtype(grad_output)
-    result = grad.new_zeros(batch, dtype=acc)
+    result = grad.new_zeros(batch)
     sums: dict[str, Tensor | None] = {"weight": None, "bias": None}
     for name, per_channel in (("weight", per_scale), ("bias", per_shift)):
         if per_channel is not None:
             per_example = per_channel.view(batch, channels)
-            result = result + weighted_sum_sq(per_example.to(acc), param_weight(weights, name, acc))
+            result = result + weighted_sum_sq(per_example, param_weight(weights, name, dtype))
             sums[name] = per_example.sum(0)
-    return result, sums["weight"], sums["bias"], None if dx is None else dx.view_as(activation)
+    return result, sums["weight"], sums["bias"], None if dx is None else dx.view_as(inputs[0])
 
 
 def group_norm_batch_grads(
