@@ -221,6 +221,21 @@ def test_short_last_batches_of_epochs_are_not_batch_size_changes(tmp_path):
     assert summary.lr_text.startswith("fixed")
 
 
+def test_scheduled_learning_rate_without_batch_sizes_draws_no_batch_figure(tmp_path):
+    # gns/lr logged (an LR schedule, 0.1 / (1 + step): 0.02 at step 4, 0.0025 at 39) but no gns/batch_size: no
+    # batch-size section, so no figure for it (drawing one used to fail on the missing batch sizes).
+    run = tmp_path / "lr_only"
+    run.mkdir()
+    (run / "metrics.csv").write_text(
+        "step,gns/b_simple,gns/b_simple_lower,gns/b_simple_upper,gns/lr\n"
+        + "".join(f"{step},100,50,200,{0.1 / (1 + step)}\n" for step in range(4, 40, 5))
+    )
+    out = make_report(run)
+    assert not (out / "batch_size.png").exists()
+    assert "batch_size.png" not in (out / "report.md").read_text()
+    assert "learning rate 0.02 → 0.0025" in summarize(read_run(run)).lr_text
+
+
 def _unresolved_run(path):
     """One logging step, |G|² not resolved yet: B_simple NaN, the interval open above."""
     path.mkdir()

@@ -35,6 +35,11 @@ SourceName = Literal["auto", "ddp", "accumulation", "per_example"]
 _SOURCES = ("auto", "ddp", "accumulation", "per_example")
 
 
+# The hparams the monitor writes to every logger, read back by `lightning-gns report`.
+SOURCE_HPARAM = "gns_source"
+LR_SCALING_HPARAM = "lr_scaling"
+
+
 class NoiseScaleMonitor(Callback):
     r"""Measure and log the gradient noise scale :math:`B_{simple} = \operatorname{tr}(\Sigma)/|G|^2` while training.
 
@@ -410,9 +415,9 @@ class NoiseScaleMonitor(Callback):
                 category=RuntimeWarning,
             )
         # What the numbers mean, for whoever reads the logs later (`lightning-gns report` does).
-        described: dict[str, Any] = {"gns_source": self._source.name if self._source is not None else "none"}
+        described: dict[str, Any] = {SOURCE_HPARAM: self._source.name if self._source is not None else "none"}
         if self.growth is not None:
-            described["lr_scaling"] = self.growth.rule
+            described[LR_SCALING_HPARAM] = self.growth.rule
             described["growth_policy"] = self.growth.scheduler.policy if self.growth.scheduler else "none"
         for logger in trainer.loggers:
             logger.log_hyperparams(described)

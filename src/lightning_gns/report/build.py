@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lightning_gns.report.reading import LogChoice, read_run
 from lightning_gns.report.render import document, to_html, to_markdown
-from lightning_gns.report.summary import batch_size_changes, summarize
+from lightning_gns.report.summary import summarize
 
 #: The figures a report may hold, by file stem; a report only writes those its logs support.
 FIGURES = ("b_simple", "noise", "layers", "tradeoff", "batch_size")
@@ -79,7 +79,7 @@ def make_report(
         drawn["layers"] = figures.plot_layers(log, out / "layers.png")
     if summary.trade_off:
         drawn["tradeoff"] = figures.plot_tradeoff(summary, out / "tradeoff.png")
-    if batch_size_changes(log) or log.get("lr") is not None:
+    if summary.batch_history:  # the report shows the batch-size section (and links this figure) only then
         drawn["batch_size"] = figures.plot_batch_size(log, out / "batch_size.png")
 
     blocks = document(log, summary, drawn)

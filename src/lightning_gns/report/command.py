@@ -36,10 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = make_report(args.run_dir, out_dir=args.out, logs=args.logs, prefix=args.prefix)
-    except ReportError as err:
-        print(f"lightning-gns report: error: {err}", file=sys.stderr)
-        return 1
-    except ModuleNotFoundError as err:
+    except (ReportError, ModuleNotFoundError) as err:
         print(f"lightning-gns report: error: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # the report directory cannot be written, a log file cannot be opened

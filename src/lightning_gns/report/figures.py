@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from lightning_gns.report.reading import RunLog, Series
-from lightning_gns.report.summary import RunSummary, format_number
+from lightning_gns.report.summary import RunSummary, format_number, nominal_batch_sizes
 
 DPI = 100
 #: Width and height in inches of each figure (pixels: × :data:`DPI`); the per-layer heatmap grows with the layers.
@@ -352,7 +352,9 @@ def plot_batch_size(log: RunLog, path: Path) -> FigureFile:
     assert batch is not None
     figure = _figure("batch_size")
     ax = figure.subplots()
-    ax.plot(batch.steps, batch.values, drawstyle="steps-post", color=_BATCH, linewidth=2, label="batch size used")
+    # Short last batches of epochs are not changes of the batch size in use.
+    nominal, _ = nominal_batch_sizes(batch)
+    ax.plot(batch.steps, nominal, drawstyle="steps-post", color=_BATCH, linewidth=2, label="batch size used")
     ax.set_yscale("log", base=2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("batch size (examples per step)")

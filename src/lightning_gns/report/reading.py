@@ -95,12 +95,6 @@ class RunLog:
         head, tail = self.prefix + "layer/", "/b_simple"
         return [tag[len(head) : -len(tail)] for tag in self.scalars if tag.startswith(head) and tag.endswith(tail)]
 
-    def rows(self) -> Iterator[tuple[str, int, float]]:
-        """The table in long ("tidy") form: one ``(tag, step, value)`` per logged point."""
-        for tag, series in self.scalars.items():
-            for step, value in zip(series.steps.tolist(), series.values.tolist(), strict=True):
-                yield tag, step, value
-
 
 def read_run(run_dir: str | os.PathLike[str], logs: LogChoice = "auto", prefix: str = "gns/") -> RunLog:
     r"""Find the run's logs under ``run_dir`` (searched recursively) and read them.

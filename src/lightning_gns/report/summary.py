@@ -22,14 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lightning_gns.callbacks.batch_size_growth import DEFAULT_HORIZON_STEPS
+from lightning_gns.callbacks.noise_scale_monitor import LR_SCALING_HPARAM, SOURCE_HPARAM
 from lightning_gns.functional.noise_scale import relative_examples, relative_steps
 from lightning_gns.report.reading import RunLog, Series, find_hparam
-
-#: What the monitor does without a ``horizon_examples``: 100 steps' worth at the first step's batch size.
-DEFAULT_HORIZON_STEPS = 100
-
-_LR_RULE_KEYS = ("lr_rule", "lr_scaling", "lr_scale_rule", "lr_scaling_rule", "learning_rate_rule", "scale_lr")
-_SOURCE_KEYS = ("gns_source", "source")
 
 
 @dataclass(frozen=True)
@@ -148,6 +144,7 @@ def summarize(log: RunLog) -> RunSummary:
         nominal, short_batches = nominal_batch_sizes(batch)
         batch_size = Series(batch.steps, nominal).at(step)
     horizon, horizon_text = _horizon(log)
+    history = batch_history(log)
     return RunSummary(
         suggestion=suggestion,
         batch_size=batch_size,
@@ -156,8 +153,8 @@ def summarize(log: RunLog) -> RunSummary:
         horizon_text=horizon_text,
         num_skipped=at("num_skipped"),
         gradient_source=_gradient_source(log),
-        lr_text=_lr_rule(log),
-        batch_history=batch_history(log),
+        lr_text=_lr_rule(log, batch_changed=bool(history)),
+        batch_history=history,
         trade_off=trade_off(suggestion.b_simple, [batch_size, suggestion.b_crit]),
     )
 
@@ -183,7 +180,7 @@ def _horizon(log: RunLog) -> tuple[float | None, str]:
 
 
 def _gradient_source(log: RunLog) -> str:
-    source = find_hparam(log.hparams, *_SOURCE_KEYS)
+    source = find_hparam(log.hparams, SOURCE_HPARAM)
     if isinstance(source, str):
         return f"`{source}` (from hparams.yaml)"
     if log.layer_names:
@@ -191,10 +188,10 @@ def _gradient_source(log: RunLog) -> str:
     return "not recorded in the logs (the monitor names it at start-up when `source='auto'`)"
 
 
-def _lr_rule(log: RunLog) -> str:
+def _lr_rule(log: RunLog, batch_changed: bool) -> str:
     """The learning-rate rule in force: from a scheduler's tags and hparams, else fixed or not recorded."""
     parts = []
-    rule = find_hparam(log.hparams, *_LR_RULE_KEYS)
+    rule = find_hparam(log.hparams, LR_SCALING_HPARAM)
     if rule is not None:
         parts.append(f"rule `{rule}` (hparams.yaml)")
     lr, scale, batch = log.get("lr"), log.get("lr_scale"), log.get("batch_size")
@@ -211,7 +208,7 @@ def _lr_rule(log: RunLog) -> str:
         parts.append(f"last scale factor {format_number(scale.last())} (`{log.prefix}lr_scale`)")
     if parts:
         return "; ".join(parts)
-    if not batch_size_changes(log):
+    if not batch_changed:
         return f"fixed: the batch size did not change and no `{log.prefix}lr` was logged (the optimizer's own)"
     return f"not recorded: the batch size changed but no `{log.prefix}lr` or `{log.prefix}lr_scale` was logged"
 
@@ -259,18 +256,17 @@ def nominal_batch_sizes(batch: Series) -> tuple[np.ndarray, int]:
     return values, short
 
 
-def batch_size_changes(log: RunLog) -> bool:
-    """Whether the batch size in use changed (short last batches of epochs do not count)."""
-    batch = log.get("batch_size")
-    return batch is not None and len(batch.values) > 1 and np.ptp(nominal_batch_sizes(batch)[0]) > 0
-
-
 def batch_history(log: RunLog) -> list[BatchSizeChange]:
-    """The batch size in force from each change on (its first value included); empty if it never changed."""
+    """The batch size in force from each change on (its first value included); empty if it never changed.
+
+    Short last batches of epochs are not changes (:func:`nominal_batch_sizes`).
+    """
     batch = log.get("batch_size")
-    if batch is None or not batch_size_changes(log):
+    if batch is None or len(batch.values) < 2:
         return []
     nominal, _ = nominal_batch_sizes(batch)
+    if np.ptp(nominal) == 0:
+        return []
     examples, lr, accumulate = log.get("examples"), log.get("lr"), log.get("accumulate_grad_batches")
     keep = np.flatnonzero(np.r_[True, np.diff(nominal) != 0])
     return [
