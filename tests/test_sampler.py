@@ -127,10 +127,17 @@ def test_invalid_arguments(kwargs, match):
 
 @pytest.mark.parametrize(
     ("effective", "world", "cap", "expected"),
-    [(512, 2, 64, (64, 4)), (48, 1, None, (48, 1)), (96, 2, 16, (16, 3)), (100, 1, 32, (25, 4))],
+    [
+        (512, 2, 64, (64, 4)),
+        (48, 1, None, (48, 1)),
+        (96, 2, 16, (16, 3)),
+        (100, 1, 32, (25, 4)),
+        (40, 1, 16, (10, 4)),  # 3 × 14 = 42 would pass the scheduler's bound and multiple
+        (37, 1, 16, (12, 3)),  # prime: no exact split with few micro-batches, the largest that fits
+    ],
 )
 def test_split_batch_size(effective, world, cap, expected):
     micro, accumulate = split_batch_size(effective, world, cap)
     assert (micro, accumulate) == expected
-    assert micro * accumulate * world >= effective
+    assert micro * accumulate * world <= effective  # never above what the scheduler allowed
     assert cap is None or micro <= cap

@@ -52,6 +52,17 @@ def test_wait_between_changes_in_examples():
     assert _read(scheduler, 500.0, examples=2000).batch_size == 64
 
 
+def test_a_change_accepted_from_another_rank_starts_the_wait_as_its_own_would():
+    # Two ranks' schedulers: one decides, the other accepts; from then on both decide alike.
+    decided = BatchSizeScheduler(16, min_examples_between_changes=1000, max_growth_factor=2)
+    accepting = BatchSizeScheduler(16, min_examples_between_changes=1000, max_growth_factor=2)
+    change = _read(decided, 500.0, examples=1000)
+    accepting.accept(change.batch_size, 1000.0)
+    assert accepting.state_dict() == decided.state_dict()
+    assert _read(accepting, 500.0, examples=1999) is None  # waits from the accepted change
+    assert _read(accepting, 500.0, examples=2000).batch_size == 64
+
+
 def test_never_shrinks_unless_asked():
     keep = BatchSizeScheduler(256, min_batch_size=16)
     assert _read(keep, 20.0) is None

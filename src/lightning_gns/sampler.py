@@ -215,16 +215,23 @@ def effective_batch_size(batch_size: int, accumulate_grad_batches: int, world_si
 
 
 def split_batch_size(effective: int, world_size: int, max_micro_batch_size: int | None) -> tuple[int, int]:
-    """The micro-batch and accumulation that give at least ``effective`` examples per step over ``world_size``.
+    """The micro-batch and accumulation for ``effective`` examples per step over ``world_size`` ranks.
 
-    The micro-batch grows first, up to ``max_micro_batch_size``; then accumulation takes over.
+    The micro-batch grows first, up to ``max_micro_batch_size``; then accumulation takes over. The result never
+    exceeds ``effective`` (a bound the scheduler enforced): exactly ``effective`` when a split with at most twice
+    the fewest micro-batches divides it, else the largest that fits.
 
     Example::
 
         >>> split_batch_size(512, world_size=2, max_micro_batch_size=64)
         (64, 4)
+        >>> split_batch_size(40, world_size=1, max_micro_batch_size=16)  # 4 × 10, not 3 × 14 = 42
+        (10, 4)
     """
-    per_rank = math.ceil(effective / world_size)
+    per_rank = max(1, effective // world_size)
     cap = per_rank if max_micro_batch_size is None else max_micro_batch_size
-    accumulate = math.ceil(per_rank / cap)
-    return math.ceil(per_rank / accumulate), accumulate
+    fewest = math.ceil(per_rank / cap)
+    for accumulate in range(fewest, 2 * fewest + 1):
+        if per_rank % accumulate == 0:
+            return per_rank // accumulate, accumulate
+    return per_rank // fewest, fewest

@@ -228,6 +228,20 @@ class BatchSizeScheduler:
             size_int = min(size_int, self.max_batch_size // self.multiple * self.multiple)
         return max(size_int, self.min_batch_size)
 
+    def accept(self, batch_size: int, examples_seen: float) -> BatchSizeChange:
+        """Take a change decided elsewhere (by another rank's scheduler) as if this one had made it.
+
+        Under DDP every rank runs a scheduler and they agree by a vote; a rank that did not decide takes the
+        decision with this, so that its wait and change count stay in step with the rank that did.
+
+        Example::
+
+            >>> scheduler = BatchSizeScheduler(initial_batch_size=32)
+            >>> scheduler.accept(64, examples_seen=3200.0).batch_size, scheduler.num_changes
+            (64, 1)
+        """
+        return self._change(batch_size, float(batch_size), examples_seen, "decided on another rank")
+
     def _change(self, size: int, target: float, examples_seen: float, reason: str) -> BatchSizeChange:
         change = BatchSizeChange(size, self.batch_size, target, examples_seen, reason)
         self.batch_size = size

@@ -310,7 +310,7 @@ class BatchSizeGrowth:
         if new_batch_size == 0 or self.pending is not None:
             return
         if change is None:  # another rank decided: take its decision (keeps the schedulers in step)
-            self.scheduler.batch_size = new_batch_size
+            self.scheduler.accept(new_batch_size, estimates["examples"])
         micro, accumulate = split_batch_size(new_batch_size, self._world_size, self.max_micro_batch_size)
         # The change lands on a batch that starts an optimizer step under both accumulations, not drawn yet by
         # any rank's dataloader (workers prefetch).
@@ -323,7 +323,7 @@ class BatchSizeGrowth:
         self.pending = _PendingChange(
             epoch, batch, self._effective(micro, accumulate), micro, accumulate, reason=reason
         )
-        self.scheduler.batch_size = self.pending.batch_size  # the split may round up
+        self.scheduler.batch_size = self.pending.batch_size  # what the split can run: never above the request
         self._sync_lengths(trainer)
 
     def _observe_step_time(self, trainer: pl.Trainer) -> None:
