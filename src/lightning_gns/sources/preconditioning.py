@@ -161,7 +161,8 @@ class AdamPreconditioner:
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
-        self._groups: dict[int, dict[str, Any]] = {}
+        # Keyed by the parameter itself, as `optimizer.state` is: a stale id cannot match another tensor.
+        self._groups: dict[Tensor, dict[str, Any]] = {}
 
     @property
     def ready(self) -> bool:
@@ -174,11 +175,11 @@ class AdamPreconditioner:
         return any(len(state) > 0 for state in self.optimizer.state.values())
 
     def _group(self, param: Tensor) -> dict[str, Any] | None:
-        group = self._groups.get(id(param))
-        if group is None or not any(p is param for p in group["params"]):
+        group = self._groups.get(param)
+        if group is None:
             # Groups may have been added since (`add_param_group`): index them again.
-            self._groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-            group = self._groups.get(id(param))
+            self._groups = {p: g for g in self.optimizer.param_groups for p in g["params"]}
+            group = self._groups.get(param)
         return group
 
     def __call__(self, param: Tensor) -> Tensor | None:
