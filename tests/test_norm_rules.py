@@ -392,10 +392,18 @@ def test_group_norm_from_the_forward_statistics():
     inputs = (3 * torch.randn(4, 6, 5, dtype=torch.float64) + 1).requires_grad_(True)
     out = layer(inputs)
     grad_output = torch.randn_like(out)
-    # What the forward computed: the layer's own statistics, [N, G].
-    _, mean, rstd = torch.native_group_norm(inputs.detach(), None, None, 4, 6, 5, 3, layer.eps)
-    got = normalization.group_norm_sq_norm_from_stats(layer, (inputs.detach(),), grad_output, (mean, rstd))
-    torch.testing.assert_close(got, group_norm_sq_norm(layer, (inputs.detach(),), grad_output), rtol=1e-12, atol=0)
+    stats = normalization.group_norm_saved_stats(out.grad_fn, layer, grad_output)
+    assert stats is not None
+    # The statistics computed independently of the layer: mean and 1/sqrt(var + eps) of each example's group.
+    var, mean = torch.var_mean(inputs.detach().reshape(4, 3, -1), -1, correction=0)
+    torch.testing.assert_close(stats[0], mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats[1], (var + layer.eps).rsqrt(), rtol=1e-12, atol=0)
+    got = normalization.group_norm_sq_norm_from_stats(layer, (inputs.detach(),), grad_output, stats)
+    expected = layer_sq_norms_by_vmap(layer, inputs.detach(), grad_output)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=0)
+    # Another node, or statistics of another shape, are not taken for the forward's.
+    assert normalization.group_norm_saved_stats(out.sum().grad_fn, layer, grad_output) is None
+    assert normalization.group_norm_saved_stats(out.grad_fn, layer, grad_output[:2]) is None
 
 
 @pytest.mark.parametrize("shape", [(4, 6), (4, 5, 6), (4, 2, 3, 6)])
@@ -412,7 +420,7 @@ def test_layer_norm_from_the_forward_statistics(shape):
     torch.testing.assert_close(stats[0], mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(stats[1], (var + layer.eps).rsqrt(), rtol=1e-12, atol=0)
     got = normalization.layer_norm_sq_norm_from_stats(layer, (inputs.detach(),), grad_output, stats)
-    torch.testing.assert_close(got, layer_norm_sq_norm(layer, (inputs.detach(),), grad_output), rtol=1e-12, atol=0)
+    torch.testing.assert_close(got, layer_sq_norms_by_vmap(layer, inputs.detach(), grad_output), rtol=1e-10, atol=0)
     # Another node, or statistics of another shape, are not taken for the forward's.
     assert normalization.layer_norm_saved_stats(out.sum().grad_fn, layer, grad_output) is None
     assert normalization.layer_norm_saved_stats(out.grad_fn, layer, grad_output[:2]) is None
