@@ -212,10 +212,6 @@ def test_real_policy_grows_to_the_noise_scale_and_stops():
     assert float(monitor.estimates["b_simple"]) == pytest.approx(17, rel=0.35)
 
 
-class _NotALoader:
-    pass
-
-
 @pytest.mark.parametrize(
     ("loader_kwargs", "trainer_kwargs", "match"),
     [

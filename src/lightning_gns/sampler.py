@@ -209,11 +209,6 @@ class ResizableBatchSampler(Sampler[list[int]]):
         self._start_batch = self._next_batch = 0
 
 
-def effective_batch_size(batch_size: int, accumulate_grad_batches: int, world_size: int) -> int:
-    """Examples per optimizer step across all ranks."""
-    return batch_size * accumulate_grad_batches * world_size
-
-
 def split_batch_size(effective: int, world_size: int, max_micro_batch_size: int | None) -> tuple[int, int]:
     """The micro-batch and accumulation for ``effective`` examples per step over ``world_size`` ranks.
 

@@ -293,7 +293,7 @@ def _conv_sq_norm(
     if module.bias is not None and module.bias.requires_grad:
         per_example = grad.flatten(2).sum(2)
         bias_weight = param_weight(weights, "bias", dtype)
-        terms.append(per_example.square().sum(1) if bias_weight is None else weighted_sum_sq(per_example, bias_weight))
+        terms.append(weighted_sum_sq(per_example, bias_weight))
         if with_grads:
             bias_grad = per_example.sum(0)
     if not terms:

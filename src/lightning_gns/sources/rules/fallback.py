@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_leaves
 
+from lightning_gns.sources.rules.linear import param_weight, weighted_sum_sq
+
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -201,8 +203,5 @@ def sq_norm_of_grads(grads: dict[str, Tensor], weights: Mapping[str, Tensor] | N
     dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
     total = values[0].new_zeros(values[0].shape[0], dtype=dtype)
     for name, value in grads.items():
-        squared = value.to(dtype).square()
-        if weights is not None and name in weights:
-            squared = squared * weights[name].to(dtype)
-        total = total + squared.reshape(value.shape[0], -1).sum(1)
+        total = total + weighted_sum_sq(value.to(dtype), param_weight(weights, name, dtype))
     return total
