@@ -285,8 +285,13 @@ def test_preconditioned_linear_norms_are_weighted_but_grads_are_not(reduction):
     weights = random_weights(model)
     measured = copy.deepcopy(model)
     by_id = {id(q): weights[name] for (name, _), q in zip(model.named_parameters(), measured.parameters(), strict=True)}
+    seen: list[bool] = []
+    measured.body[7].register_forward_hook(lambda m, args, out: seen.append(m.weight.requires_grad))
     with PerExampleGradNorms(measured, preconditioner=lambda p: by_id[id(p)]) as norms:
         cnn_step(x, y, reduction)(measured)
+    # The 2-position layer takes the Gram form unweighted; weighted, it builds the per-example gradients anyway,
+    # so it hands autograd their sum.
+    assert seen == [False]
     plain = copy.deepcopy(model)
     cnn_step(x, y, reduction)(plain)
     assert_same_grads(grads(measured), grads(plain))

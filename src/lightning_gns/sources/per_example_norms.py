@@ -522,7 +522,8 @@ class PerExampleGradNorms:
             and all(p.dtype == args[0].dtype for p in params)
             and args[0].dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled(args[0].device.type)
-            and _fused_rule(unit).worth_it(module, args[0])
+            # Weighted norms of a layer with several positions build the per-example gradients anyway.
+            and _fused_rule(unit).worth_it(module, args[0], self.preconditioner is not None and unit.weighted)
         )
         if fuse:
             for param in params:
@@ -982,15 +983,19 @@ class _FusedRule:
     """How a built-in rule that builds per-example gradients hands autograd their sums."""
 
     layer: type[nn.Module]
-    worth_it: Callable[[nn.Module, Tensor], bool]  # at the forward, from the input
+    worth_it: Callable[[nn.Module, Tensor, bool], bool]  # at the forward, from the input and whether weighted
     sq_norm_and_grads: Callable[..., Tensor]  # (module, args, grad_output, node, slot, **weights) -> norms; fills slot
     batch_grads: BatchGrads  # the fallback, as autograd computes them
     input_grad: InputGrad | None  # for a layer whose own backward would hold the weight fixed (see FusedParamGrads)
 
 
+def _always(module: nn.Module, inputs: Tensor, weighted: bool) -> bool:
+    return True
+
+
 _FUSED_RULES: dict[Callable[..., Tensor], _FusedRule] = {
     conv_sq_norm: _FusedRule(
-        nn.modules.conv._ConvNd, lambda module, x: True, _sums_only(conv_sq_norm_and_grads), conv_batch_grads, None
+        nn.modules.conv._ConvNd, _always, _sums_only(conv_sq_norm_and_grads), conv_batch_grads, None
     ),
     linear_sq_norm: _FusedRule(
         nn.Linear,
@@ -1000,9 +1005,7 @@ _FUSED_RULES: dict[Callable[..., Tensor], _FusedRule] = {
         linear_input_grad,
     ),
     # GroupNorm's rule runs the layer's whole backward in one kernel call (norms, parameter sums, input gradient).
-    group_norm_sq_norm: _FusedRule(
-        nn.GroupNorm, lambda module, x: True, _group_norm_whole_backward, group_norm_batch_grads, None
-    ),
+    group_norm_sq_norm: _FusedRule(nn.GroupNorm, _always, _group_norm_whole_backward, group_norm_batch_grads, None),
 }
 
 

@@ -170,16 +170,19 @@ _FUSED_COST = {"cpu": 20.0, "cuda": 150.0}
 _FUSED_CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per chunk of per-example gradients: stays in cache
 
 
-def linear_fuses_weight_grads(module: nn.Module, activation: Tensor) -> bool:
+def linear_fuses_weight_grads(module: nn.Module, activation: Tensor, weighted: bool = False) -> bool:
     """Whether building the per-example gradients and handing autograd their sum beats the Gram form.
 
     Decided at the forward from the input's shape, so that autograd can be told not to
     compute the weight gradient itself. Only sequence inputs (``[N, *, K]`` with more than
-    one position) qualify: a single position has the cheap rank-one form.
+    one position) qualify: a single position has the cheap rank-one form. Weighted
+    (preconditioned) norms of a sequence build the per-example gradients in any case, so
+    they always fuse.
 
     Args:
         module: the linear layer.
         activation: its input.
+        weighted: the norms will be weighted (a preconditioner).
 
     Returns:
         ``True`` to fuse.
@@ -196,7 +199,11 @@ def linear_fuses_weight_grads(module: nn.Module, activation: Tensor) -> bool:
         return False
     cost = _FUSED_COST.get(activation.device.type)
     steps = activation[0, ..., 0].numel()
-    if cost is None or steps < 2:
+    if steps < 2:
+        return False
+    if weighted:
+        return True
+    if cost is None:
         return False
     in_features, out_features = module.in_features, module.out_features
     return cost * in_features * out_features < steps * steps * (in_features + out_features)
