@@ -150,7 +150,8 @@ def test_lr_warmup_reaches_the_new_scale_linearly():
     assert scales[change : change + 4] == pytest.approx([1.75, 2.5, 3.25, 4.0])
 
 
-def test_resume_after_growth_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
+@pytest.mark.parametrize(("stop", "pending"), [(14, False), (16, True)])
+def test_resume_after_growth_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, stop, pending):
     script = [(20, 8), (60, 24), (150, 48)]
 
     def run(max_steps, ckpt_path=None, checkpoint_every=None):
@@ -166,12 +167,12 @@ def test_resume_after_growth_reproduces_the_uninterrupted_run_bit_for_bit(tmp_pa
         return model, callbacks[0], trainer
 
     full, full_monitor, _ = run(max_steps=24)
-    # Step 14 is after the second growth (micro 12 × accumulation 2), in the middle of the first epoch... or the
-    # second: either way mid-epoch, with a change still pending for some checkpoints.
-    first, _, _ = run(max_steps=14, checkpoint_every=14)
-    ckpt = tmp_path / "epoch=0-step=14.ckpt"
-    if not ckpt.exists():
-        ckpt = next(tmp_path.glob("*step=14.ckpt"))
+    # Both stops are mid-epoch after growth events (the second epoch); at step 16 the third change has been
+    # decided but has not landed yet: the checkpoint holds it pending.
+    first, _, _ = run(max_steps=stop, checkpoint_every=stop)
+    ckpt = next(tmp_path.glob(f"*step={stop}.ckpt"))
+    saved = next(v for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items() if "NoiseScaleMonitor" in k)
+    assert (saved["growth"]["pending"] is not None) == pending
     resumed, resumed_monitor, trainer = run(max_steps=24, ckpt_path=str(ckpt))
 
     assert full_monitor.growth.changes[0]["global_step"] < 14
