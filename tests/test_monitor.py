@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -15,7 +14,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_gns import NoiseScaleMonitor
-from tests.helpers.ground_truth import Classifier, exact_truth, make_dataset, make_net, pretrain
+from tests.helpers.ground_truth import (
+    Classifier,
+    copy_net,
+    exact_truth,
+    make_dataset,
+    make_net,
+    pretrain,
+    quiet_trainer,
+)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers.*", "ignore:NoiseScaleMonitor has no logger:RuntimeWarning"
@@ -32,29 +39,12 @@ def problem():
     return net, dataset, exact_truth(net, dataset)
 
 
-def _trainer(**kwargs) -> pl.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    return pl.Trainer(**{**defaults, **kwargs})
-
-
 def _fit_fixed_weights(net, dataset, monitor, epochs, batch_size, **trainer_kwargs):
     """Learning rate 0: the weights stay put while many batches (drawn without replacement) are measured."""
-    trainer = _trainer(max_epochs=epochs, callbacks=[monitor], **trainer_kwargs)
-    model = Classifier(_copy(net), lr=0.0)
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=[monitor], **trainer_kwargs)
+    model = Classifier(copy_net(net), lr=0.0)
     trainer.fit(model, DataLoader(dataset, batch_size=batch_size, shuffle=True))
     return trainer, model
-
-
-def _copy(net: nn.Module) -> nn.Module:
-    clone = make_net()
-    clone.load_state_dict(net.state_dict())
-    return clone
 
 
 def _assert_matches_truth(out, truth, rel=0.05, corrected=True):
@@ -142,13 +132,13 @@ class _PartlyFrozen(Classifier):
 
 def test_frozen_and_unused_parameters_contribute_nothing(problem):
     net, dataset, _ = problem
-    frozen_net = _copy(net)
+    frozen_net = copy_net(net)
     model = _PartlyFrozen(frozen_net)
     monitor = NoiseScaleMonitor(source="per_example")
-    trainer = _trainer(max_epochs=60, callbacks=[monitor])
+    trainer = quiet_trainer(max_epochs=60, callbacks=[monitor])
     trainer.fit(model, DataLoader(dataset, batch_size=32, shuffle=True))
     # Truth over the trainable, used parameters only.
-    reference = _copy(net)
+    reference = copy_net(net)
     reference[0].requires_grad_(False)
     truth = exact_truth(reference, dataset)
     _assert_matches_truth(monitor.metric.compute(), truth)
@@ -162,8 +152,8 @@ def test_tensorboard_gets_tags_and_layout_csv_gets_tags(problem, tmp_path):
     tensorboard = TensorBoardLogger(tmp_path, name="tb", version=0)
     csv = CSVLogger(tmp_path, name="csv", version=0)
     monitor = NoiseScaleMonitor(prog_bar=True)
-    trainer = _trainer(max_epochs=4, callbacks=[monitor], logger=[tensorboard, csv], log_every_n_steps=4)
-    trainer.fit(Classifier(_copy(net), lr=0.05), DataLoader(dataset, batch_size=32, shuffle=True))
+    trainer = quiet_trainer(max_epochs=4, callbacks=[monitor], logger=[tensorboard, csv], log_every_n_steps=4)
+    trainer.fit(Classifier(copy_net(net), lr=0.05), DataLoader(dataset, batch_size=32, shuffle=True))
     tensorboard.experiment.flush()
 
     events = EventAccumulator(str(tmp_path / "tb" / "version_0"))
@@ -221,8 +211,10 @@ def test_resume_continues_smoothed_statistics_exactly(problem, tmp_path):
     def run(epochs, ckpt_path=None, callbacks=()):
         torch.manual_seed(5)
         monitor = NoiseScaleMonitor(source="per_example")
-        trainer = _trainer(max_epochs=epochs, callbacks=[monitor, *callbacks], enable_checkpointing=bool(callbacks))
-        model = Classifier(_copy(net), lr=0.05)
+        trainer = quiet_trainer(
+            max_epochs=epochs, callbacks=[monitor, *callbacks], enable_checkpointing=bool(callbacks)
+        )
+        model = Classifier(copy_net(net), lr=0.05)
         trainer.fit(model, loader, ckpt_path=ckpt_path)
         return monitor
 
@@ -239,9 +231,11 @@ def test_misconfiguration_errors(problem):
     net, dataset, _ = problem
     loader = DataLoader(dataset, batch_size=32)
     with pytest.raises(MisconfigurationException, match=r"source='ddp' needs at least 2 processes.*devices=2"):
-        _trainer(max_steps=1, callbacks=[NoiseScaleMonitor(source="ddp")]).fit(Classifier(_copy(net)), loader)
+        quiet_trainer(max_steps=1, callbacks=[NoiseScaleMonitor(source="ddp")]).fit(Classifier(copy_net(net)), loader)
     with pytest.raises(MisconfigurationException, match=r"accumulate_grad_batches.*>= 2, but it is 1"):
-        _trainer(max_steps=1, callbacks=[NoiseScaleMonitor(source="accumulation")]).fit(Classifier(_copy(net)), loader)
+        quiet_trainer(max_steps=1, callbacks=[NoiseScaleMonitor(source="accumulation")]).fit(
+            Classifier(copy_net(net)), loader
+        )
 
     class Manual(Classifier):
         def __init__(self, net):
@@ -249,7 +243,7 @@ def test_misconfiguration_errors(problem):
             self.automatic_optimization = False
 
     with pytest.raises(MisconfigurationException, match=r"automatic optimization only"):
-        _trainer(max_steps=1, callbacks=[NoiseScaleMonitor()]).fit(Manual(_copy(net)), loader)
+        quiet_trainer(max_steps=1, callbacks=[NoiseScaleMonitor()]).fit(Manual(copy_net(net)), loader)
     with pytest.raises(MisconfigurationException, match=r"`source` to be one of"):
         NoiseScaleMonitor(source="gradients")  # type: ignore[arg-type]
     with pytest.raises(MisconfigurationException, match=r"`horizon_examples` > 0"):
@@ -262,7 +256,7 @@ def test_batch_norm_is_refused_with_the_way_out(problem):
     _, dataset, _ = problem
     net = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 4))
     with pytest.raises(Exception, match=r"(?s)BatchNorm.*(GroupNorm|LayerNorm)"):
-        _trainer(max_steps=2, callbacks=[NoiseScaleMonitor(source="per_example")]).fit(
+        quiet_trainer(max_steps=2, callbacks=[NoiseScaleMonitor(source="per_example")]).fit(
             Classifier(net), DataLoader(dataset, batch_size=32)
         )
 
@@ -283,7 +277,7 @@ def test_norm_layers_only_matches_exact_truth_of_those_parameters(problem):
     monitor = NoiseScaleMonitor(source="per_example", per_example_include=(nn.LayerNorm,))
     _fit_fixed_weights(net, dataset, monitor, epochs=60, batch_size=32)
     # Independent truth: the exact per-example gradients of the LayerNorm parameters alone.
-    reference = _copy(net)
+    reference = copy_net(net)
     for module in reference:
         module.requires_grad_(isinstance(module, nn.LayerNorm))
     truth = exact_truth(reference, dataset)
@@ -300,7 +294,7 @@ def test_per_layer_breakdown_matches_each_layers_exact_truth(problem, tmp_path):
     names = monitor.source.layer_names
     assert names == ["net.0", "net.1", "net.3"]  # the Linear layers and the LayerNorm (Tanh has no parameters)
     for index, name in enumerate(names):
-        reference = _copy(net)
+        reference = copy_net(net)
         for module_name, module in reference.named_children():
             module.requires_grad_(f"net.{module_name}" == name)
         truth = exact_truth(reference, dataset)
@@ -314,8 +308,8 @@ def test_per_layer_breakdown_matches_each_layers_exact_truth(problem, tmp_path):
 def test_per_layer_needs_the_per_example_source(problem):
     net, dataset, _ = problem
     with pytest.raises(MisconfigurationException, match=r"`per_layer=True` needs the per_example source"):
-        _trainer(max_steps=1, accumulate_grad_batches=2, callbacks=[NoiseScaleMonitor(per_layer=True)]).fit(
-            Classifier(_copy(net)), DataLoader(dataset, batch_size=32)
+        quiet_trainer(max_steps=1, accumulate_grad_batches=2, callbacks=[NoiseScaleMonitor(per_layer=True)]).fit(
+            Classifier(copy_net(net)), DataLoader(dataset, batch_size=32)
         )
 
 
@@ -325,8 +319,8 @@ def test_one_example_batches_are_skipped_not_fatal(problem):
     extra = torch.utils.data.TensorDataset(dataset.tensors[0][:1], dataset.tensors[1][:1])
     data = torch.utils.data.ConcatDataset([dataset, extra])
     monitor = NoiseScaleMonitor(source="per_example", log_every_n_steps=3)
-    trainer = _trainer(max_epochs=2, callbacks=[monitor])
-    trainer.fit(Classifier(_copy(net), lr=0.0), DataLoader(data, batch_size=32, shuffle=False))
+    trainer = quiet_trainer(max_epochs=2, callbacks=[monitor])
+    trainer.fit(Classifier(copy_net(net), lr=0.0), DataLoader(data, batch_size=32, shuffle=False))
     out = monitor.metric.compute()
     assert float(out["num_skipped"]) == 2  # the one-example batch of each epoch
     assert float(out["num_steps"]) == 16

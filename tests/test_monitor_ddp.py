@@ -10,30 +10,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_gns import NoiseScaleMonitor
-from tests.helpers.ground_truth import Classifier, exact_truth, make_dataset, make_net, pretrain
+from tests.helpers.ground_truth import Classifier, SaveMonitorResults, exact_truth, make_dataset, make_net, pretrain
 
 pytestmark = [
     pytest.mark.ddp,
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*", "ignore:NoiseScaleMonitor has no logger"),
 ]
-
-
-class _SaveResults(Callback):
-    """Each rank writes what its monitor computed (ddp_spawn gives the parent nothing back)."""
-
-    def __init__(self, directory) -> None:
-        self.directory = directory
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        monitor = next(c for c in trainer.callbacks if isinstance(c, NoiseScaleMonitor))
-        torch.save(
-            {
-                "run": monitor.metric.compute(),
-                "smoothed": dict(monitor.estimates),
-                "source": monitor.source.name,
-            },
-            self.directory / f"rank{trainer.global_rank}.pt",
-        )
 
 
 class _WithUnused(Classifier):
@@ -72,7 +54,7 @@ def test_ddp_sources_match_exact_truth_on_every_rank(
         strategy=strategy,
         max_epochs=40,
         accumulate_grad_batches=accumulate,
-        callbacks=[NoiseScaleMonitor(source=source), _SaveResults(tmp_path)],
+        callbacks=[NoiseScaleMonitor(source=source), SaveMonitorResults(tmp_path)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import csv
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -29,11 +28,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gns import NoiseScaleMonitor
 from tests.helpers.ground_truth import (
     Classifier,
+    SaveMonitorResults,
+    copy_net,
     exact_truth,
     make_dataset,
     make_net,
     per_example_flat_grads,
     pretrain,
+    quiet_trainer,
 )
 
 pytestmark = pytest.mark.filterwarnings(
@@ -110,23 +112,6 @@ def problem():
     return net, dataset, state, exact_truth(net, dataset, sq_weights), exact_truth(net, dataset)
 
 
-def _trainer(**kwargs) -> pl.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    return pl.Trainer(**{**defaults, **kwargs})
-
-
-def _copy(net: nn.Module) -> nn.Module:
-    clone = make_net()
-    clone.load_state_dict(net.state_dict())
-    return clone
-
-
 def _relative_errors(out, truth) -> dict[str, float]:
     expected = {
         "trace_sigma": truth["expected_trace_sigma"],
@@ -156,8 +141,8 @@ def test_the_preconditioned_truth_is_far_from_the_plain_one(problem):
 def test_preconditioned_estimate_matches_exact_truth(problem, source, accumulate, batch_size, record_property):
     net, dataset, state, truth, _ = problem
     monitor = NoiseScaleMonitor(source=source)  # "auto" preconditioning: FrozenAdam is an Adam
-    trainer = _trainer(max_epochs=60, callbacks=[monitor], accumulate_grad_batches=accumulate)
-    model = FrozenAdamClassifier(_copy(net), state)
+    trainer = quiet_trainer(max_epochs=60, callbacks=[monitor], accumulate_grad_batches=accumulate)
+    model = FrozenAdamClassifier(copy_net(net), state)
     trainer.fit(model, DataLoader(dataset, batch_size=batch_size, shuffle=True))
     assert monitor.is_preconditioned
     torch.testing.assert_close(model.net[0].weight, net[0].weight)  # the weights did not move
@@ -195,9 +180,9 @@ def test_preconditioned_estimate_is_the_exact_estimator_on_the_batches_it_saw(pr
     indexed = TensorDataset(*dataset.tensors, torch.arange(len(dataset)))
     keep = _KeepBatchIndices()
     monitor = NoiseScaleMonitor(source=source)
-    trainer = _trainer(max_epochs=4, callbacks=[monitor, keep], accumulate_grad_batches=accumulate)
+    trainer = quiet_trainer(max_epochs=4, callbacks=[monitor, keep], accumulate_grad_batches=accumulate)
     trainer.fit(
-        _IndexedFrozenAdamClassifier(_copy(net), state), DataLoader(indexed, batch_size=batch_size, shuffle=True)
+        _IndexedFrozenAdamClassifier(copy_net(net), state), DataLoader(indexed, batch_size=batch_size, shuffle=True)
     )
     flat = per_example_flat_grads(net, dataset, sq_weights_from_state(net, state))
     micro = torch.stack(keep.batches)  # [micro-batches, batch_size]
@@ -215,33 +200,17 @@ def test_preconditioned_estimate_is_the_exact_estimator_on_the_batches_it_saw(pr
     torch.testing.assert_close(out["grad_sq_norm"].double(), grad_sq_norm.mean(), rtol=1e-5, atol=0)
 
 
-class _SaveResults(Callback):
-    def __init__(self, directory) -> None:
-        self.directory = directory
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        monitor = next(c for c in trainer.callbacks if isinstance(c, NoiseScaleMonitor))
-        torch.save(
-            {
-                "run": monitor.metric.compute(),
-                "preconditioned": monitor.is_preconditioned,
-                "source": monitor.source.name,
-            },
-            self.directory / f"rank{trainer.global_rank}.pt",
-        )
-
-
 @pytest.mark.ddp
 @pytest.mark.filterwarnings("ignore:NoiseScaleMonitor has no logger")
 def test_ddp_preconditioned_estimate_matches_exact_truth(problem, tmp_path, record_property):
     net, dataset, state, truth, _ = problem
-    trainer = _trainer(
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp_spawn",
         max_epochs=40,
-        callbacks=[NoiseScaleMonitor(source="ddp", preconditioned=True), _SaveResults(tmp_path)],
+        callbacks=[NoiseScaleMonitor(source="ddp", preconditioned=True), SaveMonitorResults(tmp_path)],
     )
-    trainer.fit(FrozenAdamClassifier(_copy(net), state), DataLoader(dataset, batch_size=16, shuffle=True))
+    trainer.fit(FrozenAdamClassifier(copy_net(net), state), DataLoader(dataset, batch_size=16, shuffle=True))
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for key, value in results[0]["run"].items():  # the preconditioner is the same on every rank
         torch.testing.assert_close(results[1]["run"][key], value, equal_nan=True, msg=key)
@@ -264,8 +233,8 @@ def test_auto_picks_plain_for_sgd_and_preconditioned_for_adam(problem, tmp_path,
     net, dataset, _, _, _ = problem
     monitor = NoiseScaleMonitor(source="per_example")
     logger = CSVLogger(tmp_path, name="csv", version=0)
-    trainer = _trainer(max_steps=6, callbacks=[monitor], logger=logger, log_every_n_steps=1)
-    trainer.fit(OptimizerClassifier(_copy(net), optimizer), DataLoader(dataset, batch_size=32))
+    trainer = quiet_trainer(max_steps=6, callbacks=[monitor], logger=logger, log_every_n_steps=1)
+    trainer.fit(OptimizerClassifier(copy_net(net), optimizer), DataLoader(dataset, batch_size=32))
     assert monitor.is_preconditioned is preconditioned
     # Adam has no second moment before its first step: that step is left out, not measured plain.
     assert float(monitor.metric.compute()["num_steps"]) == (5 if preconditioned else 6)
@@ -280,8 +249,8 @@ def test_preconditioned_true_needs_an_adam_family_optimizer(problem):
     net, dataset, _, _, _ = problem
     loader = DataLoader(dataset, batch_size=32)
     with pytest.raises(MisconfigurationException, match=r"preconditioned=True.*SGD.*Adam-family.*preconditioned=False"):
-        _trainer(max_steps=1, callbacks=[NoiseScaleMonitor(preconditioned=True)]).fit(
-            OptimizerClassifier(_copy(net), torch.optim.SGD), loader
+        quiet_trainer(max_steps=1, callbacks=[NoiseScaleMonitor(preconditioned=True)]).fit(
+            OptimizerClassifier(copy_net(net), torch.optim.SGD), loader
         )
     with pytest.raises(MisconfigurationException, match=r"`preconditioned` to be True, False or 'auto'"):
         NoiseScaleMonitor(preconditioned="yes")  # type: ignore[arg-type]
@@ -290,8 +259,8 @@ def test_preconditioned_true_needs_an_adam_family_optimizer(problem):
 def test_preconditioned_false_measures_plain_with_adam(problem):
     net, dataset, state, _, plain = problem
     monitor = NoiseScaleMonitor(source="per_example", preconditioned=False)
-    _trainer(max_epochs=60, callbacks=[monitor]).fit(
-        FrozenAdamClassifier(_copy(net), state), DataLoader(dataset, batch_size=32, shuffle=True)
+    quiet_trainer(max_epochs=60, callbacks=[monitor]).fit(
+        FrozenAdamClassifier(copy_net(net), state), DataLoader(dataset, batch_size=32, shuffle=True)
     )
     assert not monitor.is_preconditioned
     for key, error in _relative_errors(monitor.metric.compute(), plain).items():
@@ -311,13 +280,13 @@ def test_an_optimizer_without_exp_avg_sq_falls_back_to_plain_or_raises(problem):
     net, dataset, _, _, _ = problem
     loader = DataLoader(dataset, batch_size=32)
     monitor = NoiseScaleMonitor(source="per_example")
-    _trainer(max_steps=6, callbacks=[monitor]).fit(OptimizerClassifier(_copy(net), LooksLikeAdam), loader)
+    quiet_trainer(max_steps=6, callbacks=[monitor]).fit(OptimizerClassifier(copy_net(net), LooksLikeAdam), loader)
     # Step 1: no state yet; step 2: state without a second moment (the norms had weight 0): both left out.
     assert not monitor.is_preconditioned
     assert float(monitor.metric.compute()["num_steps"]) == 4
     with pytest.raises(MisconfigurationException, match=r"LooksLikeAdam holds no `exp_avg_sq`"):
-        _trainer(max_steps=6, callbacks=[NoiseScaleMonitor(preconditioned=True)]).fit(
-            OptimizerClassifier(_copy(net), LooksLikeAdam), loader
+        quiet_trainer(max_steps=6, callbacks=[NoiseScaleMonitor(preconditioned=True)]).fit(
+            OptimizerClassifier(copy_net(net), LooksLikeAdam), loader
         )
 
 
@@ -326,17 +295,17 @@ def test_resuming_with_the_other_kind_starts_the_statistics_afresh(problem, tmp_
 
     net, dataset, _, _, _ = problem
     loader = DataLoader(dataset, batch_size=32)
-    model = OptimizerClassifier(_copy(net), torch.optim.Adam)
+    model = OptimizerClassifier(copy_net(net), torch.optim.Adam)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     plain = NoiseScaleMonitor(source="per_example", preconditioned=False)
-    _trainer(max_epochs=1, callbacks=[plain, checkpoint], enable_checkpointing=True).fit(model, loader)
+    quiet_trainer(max_epochs=1, callbacks=[plain, checkpoint], enable_checkpointing=True).fit(model, loader)
     assert float(plain.metric.compute()["num_steps"]) == 8
     resumed = NoiseScaleMonitor(source="per_example", preconditioned=False)
-    _trainer(max_epochs=2, callbacks=[resumed]).fit(model, loader, ckpt_path=str(tmp_path / "last.ckpt"))
+    quiet_trainer(max_epochs=2, callbacks=[resumed]).fit(model, loader, ckpt_path=str(tmp_path / "last.ckpt"))
     assert float(resumed.metric.compute()["num_steps"]) == 16  # the same kind: continued
     switched = NoiseScaleMonitor(source="per_example")  # auto: preconditioned under Adam
     with pytest.warns(RuntimeWarning, match=r"statistics are of the plain noise scale.*start afresh"):
-        _trainer(max_epochs=2, callbacks=[switched]).fit(model, loader, ckpt_path=str(tmp_path / "last.ckpt"))
+        quiet_trainer(max_epochs=2, callbacks=[switched]).fit(model, loader, ckpt_path=str(tmp_path / "last.ckpt"))
     assert switched.is_preconditioned
     # Only the resumed epoch, all measured: the restored optimizer already has its second moment.
     assert float(switched.metric.compute()["num_steps"]) == 8

@@ -104,3 +104,43 @@ def exact_truth(
         "expected_grad_sq_norm": grad_sq_norm,
         "b_simple": trace_s2 / grad_sq_norm,
     }
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or summary; ``kwargs`` override."""
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def copy_net(net: nn.Module) -> nn.Module:
+    """A fresh :func:`make_net` holding ``net``'s weights."""
+    clone = make_net()
+    clone.load_state_dict(net.state_dict())
+    return clone
+
+
+class SaveMonitorResults(pl.Callback):
+    """Each rank writes what its monitor computed (ddp_spawn gives the parent nothing back) to ``rank{r}.pt``."""
+
+    def __init__(self, directory) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_gns import NoiseScaleMonitor
+
+        monitor = next(c for c in trainer.callbacks if isinstance(c, NoiseScaleMonitor))
+        torch.save(
+            {
+                "run": monitor.metric.compute(),
+                "smoothed": dict(monitor.estimates),
+                "preconditioned": monitor.is_preconditioned,
+                "source": monitor.source.name,
+            },
+            self.directory / f"rank{trainer.global_rank}.pt",
+        )
