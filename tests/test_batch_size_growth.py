@@ -247,3 +247,19 @@ def test_unknown_optimizer_needs_a_declared_lr_rule():
     trainer = _trainer(_monitor([]), max_steps=2)
     with pytest.raises(MisconfigurationException, match="lr_scaling='linear'"):
         trainer.fit(Odd(), DataLoader(IndexedDataset(SIZE), batch_size=4))
+
+
+def test_default_lr_rule_by_optimizer_kind():
+    from lightning_gns.callbacks.batch_size_growth import default_lr_scaling
+
+    class ThirdPartyAdam(torch.optim.Optimizer):  # what the preconditioned noise scale also takes for Adam
+        def __init__(self, params) -> None:
+            super().__init__(params, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8})
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert default_lr_scaling([torch.optim.SGD(params, lr=0.1)]) == "linear"
+    assert default_lr_scaling([torch.optim.AdamW(params)]) == "sqrt"
+    assert default_lr_scaling([torch.optim.Adamax(params)]) == "sqrt"
+    assert default_lr_scaling([ThirdPartyAdam(params)]) == "sqrt"
+    with pytest.raises(MisconfigurationException, match="mix SGD and adaptive"):
+        default_lr_scaling([torch.optim.SGD(params, lr=0.1), torch.optim.Adam(params)])

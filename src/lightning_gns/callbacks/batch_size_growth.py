@@ -32,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_gns.sampler import ResizableBatchSampler, split_batch_size
 from lightning_gns.scheduler import BatchSizeChange, BatchSizeScheduler, GrowthPolicy
 from lightning_gns.sources.base import GradientSource
+from lightning_gns.sources.preconditioning import is_adam_family
 
 #: Steps' worth of examples (at the first step's batch size) that the moving average remembers by default.
 DEFAULT_HORIZON_STEPS = 100
@@ -41,7 +42,8 @@ _LR_SCALINGS = ("auto", "linear", "sqrt", "none")
 
 # Optimizers whose step is (momentum) SGD: the learning rate scales linearly with the batch (Goyal et al., 2017).
 _LINEAR_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.SGD,)
-# Adaptive optimizers: square-root scaling (Malladi et al., 2022; OLMo's batch-size schedule).
+# Adaptive optimizers: square-root scaling (Malladi et al., 2022; OLMo's batch-size schedule). Beyond these, any
+# optimizer the preconditioned noise scale takes for Adam (`is_adam_family`) scales the same way.
 _SQRT_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.Adam,
     torch.optim.AdamW,
@@ -75,7 +77,7 @@ def default_lr_scaling(optimizers: list[torch.optim.Optimizer]) -> Literal["line
     for optimizer in optimizers:
         if isinstance(optimizer, _LINEAR_OPTIMIZERS):
             kinds.add("linear")
-        elif isinstance(optimizer, _SQRT_OPTIMIZERS):
+        elif isinstance(optimizer, _SQRT_OPTIMIZERS) or is_adam_family(optimizer):  # a third-party Adam, too
             kinds.add("sqrt")
         else:
             raise MisconfigurationException(
