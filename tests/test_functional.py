@@ -20,6 +20,7 @@ from lightning_gns.functional import (
     ratio_interval,
     relative_examples,
     relative_steps,
+    suggested_batch_size,
 )
 from tests.helpers.synthetic import GaussianGradients, finite_population, population_truth, z_score
 
@@ -330,3 +331,19 @@ def test_confidently_negative_ratio_gives_no_interval():
     )
     assert math.isnan(float(lower))
     assert math.isnan(float(upper))
+
+
+@pytest.mark.parametrize(
+    ("b_crit", "lower", "expected"),
+    [
+        (100.0, math.nan, 128),  # log2 100 = 6.64
+        (90.0, math.nan, 64),  # log2 90 = 6.49: nearest in log scale is 64
+        (90.0, 100.0, 128),  # never below the interval's lower end
+        (90.0, 20.0, 64),
+        (0.3, math.nan, 1),
+        (math.nan, 5.0, None),  # undefined while |G|² is not resolved
+        (-4.0, math.nan, None),
+    ],
+)
+def test_suggested_batch_size_by_hand(b_crit, lower, expected):
+    assert suggested_batch_size(b_crit, lower) == expected

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from lightning_gns import NoiseScaleMonitor
 from lightning_gns.cli import main
+from lightning_gns.functional import suggested_batch_size
 from lightning_gns.report import ReportError, make_report, read_run, summarize
 from tests.helpers.ground_truth import Classifier, make_dataset, make_net
 
@@ -114,7 +115,9 @@ def test_report_from_tensorboard_matches_the_logs(real_run):
     table = _table(report)
     suggestion = _row(table, "Suggested batch size (`gns/b_crit`")
     assert _number(suggestion) == pytest.approx(logged["gns/b_crit"], rel=1e-5)
-    assert f"nearest power of two: {2 ** round(math.log2(logged['gns/b_crit']))}" in suggestion
+    # The demo's rule (tested in test_functional.py), fed the logged values.
+    power = suggested_batch_size(logged["gns/b_crit"], logged["gns/b_simple_lower"])  # b_crit_factor 1
+    assert f"as a power of two: {power}" in suggestion
     low, high = _interval(_row(table, "Interval of B_simple"))
     assert low == pytest.approx(logged["gns/b_simple_lower"], rel=1e-5)
     assert high == pytest.approx(logged["gns/b_simple_upper"], rel=1e-5)

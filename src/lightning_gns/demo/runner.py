@@ -18,6 +18,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from lightning_gns.callbacks.noise_scale_monitor import NoiseScaleMonitor
+from lightning_gns.functional import suggested_batch_size
 
 Task = Literal["digits", "charlm"]
 TASKS: tuple[Task, ...] = ("digits", "charlm")
@@ -136,13 +137,6 @@ def run_task(
     return result
 
 
-def suggested_batch_size(b_crit: float, lower: float) -> int | None:
-    """A power of two near the critical-batch estimate, never below what the interval's lower end supports."""
-    if not math.isfinite(b_crit) or b_crit <= 0:
-        return None
-    return 2 ** max(0, round(math.log2(max(b_crit, lower if math.isfinite(lower) else 0.0))))
-
-
 def format_result(result: DemoResult) -> str:
     """A plain-text table of B_simple (with its 90% band) over training, and the suggested batch size."""
     lines = [f"\n== {result.task}: B_simple over training (batch size {result.batch_size}, 90% interval)"]
@@ -153,7 +147,8 @@ def format_result(result: DemoResult) -> str:
             f"{row['b_simple_lower']:>10.1f} {row['b_simple_upper']:>10.1f}"
         )
     final = result.final
-    suggestion = suggested_batch_size(final.get("b_crit", math.nan), final.get("b_simple_lower", math.nan))
+    b_crit, b_simple = final.get("b_crit", math.nan), final.get("b_simple", math.nan)
+    suggestion = suggested_batch_size(b_crit, final.get("b_simple_lower", math.nan) * b_crit / b_simple)
     if suggestion is None:
         lines.append("No suggestion yet: |G|² is not resolved (B_simple undefined); train longer.")
     else:

@@ -7,6 +7,7 @@ from lightning_gns.functional.noise_scale import (
     gradient_noise_scale,
     relative_examples,
     relative_steps,
+    suggested_batch_size,
 )
 from lightning_gns.functional.smoothing import NoiseScaleEMA, ema_compute, ema_init, ema_update
 from lightning_gns.functional.uncertainty import ratio_interval, ratio_std
@@ -24,4 +25,5 @@ __all__ = [
     "ratio_std",
     "relative_examples",
     "relative_steps",
+    "suggested_batch_size",
 ]

@@ -8,6 +8,7 @@ and never synchronises with the host: validation looks only at Python numbers, s
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -143,6 +144,27 @@ def _as_batch(batch: BatchSize, like: Tensor) -> Tensor | float:
     if isinstance(batch, Tensor):
         return batch.to(dtype=like.dtype, device=like.device)
     return float(batch)
+
+
+def suggested_batch_size(b_crit: float, b_crit_lower: float = math.nan) -> int | None:
+    """The power of two nearest (in log scale) to the critical-batch estimate, not below its interval's lower end.
+
+    Args:
+        b_crit: the estimate (``b_crit_factor`` × B_simple).
+        b_crit_lower: the lower end of its interval (``b_crit_factor`` × the lower end of B_simple's); NaN for none.
+
+    Returns:
+        The batch size, or ``None`` while the estimate is undefined.
+
+    Example::
+
+        >>> suggested_batch_size(90.0), suggested_batch_size(90.0, b_crit_lower=100.0), suggested_batch_size(math.nan)
+        (64, 128, None)
+    """
+    if not math.isfinite(b_crit) or b_crit <= 0:
+        return None
+    floor = b_crit_lower if math.isfinite(b_crit_lower) else 0.0
+    return 2 ** max(0, round(math.log2(max(b_crit, floor))))
 
 
 def b_simple(trace_sigma: Tensor, grad_sq_norm: Tensor) -> Tensor:

@@ -53,7 +53,7 @@ def make_report(
         >>> sorted(path.name for path in out.iterdir())
         ['b_simple.png', 'report.html', 'report.md', 'tradeoff.png']
         >>> next(line for line in (out / "report.md").read_text().splitlines() if "b_crit" in line)
-        '| Suggested batch size (`gns/b_crit`, last logged, step 99) | **189** (nearest power of two: 256) |'
+        '| Suggested batch size (`gns/b_crit`, last logged, step 99) | **189** (as a power of two: 256) |'
     """
     try:
         from lightning_gns.report import figures

@@ -84,7 +84,7 @@ def document(log: RunLog, summary: RunSummary, figures: dict[str, FigureFile]) -
     blocks.append(Heading("Suggestion"))
     if suggestion.resolved:
         power = suggestion.power_of_two
-        value = f"**{format_number(suggestion.b_crit)}** (nearest power of two: {power})"
+        value = f"**{format_number(suggestion.b_crit)}** (as a power of two: {power})"
     else:
         value = "none: B_simple is undefined at the last logged step (|G|² not resolved from zero)"
     interval = f"[{format_number(suggestion.lower)}, {format_number(suggestion.upper)}]"

@@ -24,7 +24,7 @@ import torch
 
 from lightning_gns.callbacks.batch_size_growth import DEFAULT_HORIZON_STEPS
 from lightning_gns.callbacks.noise_scale_monitor import LR_SCALING_HPARAM, SOURCE_HPARAM
-from lightning_gns.functional.noise_scale import relative_examples, relative_steps
+from lightning_gns.functional.noise_scale import relative_examples, relative_steps, suggested_batch_size
 from lightning_gns.report.reading import RunLog, Series, find_hparam
 
 
@@ -51,8 +51,10 @@ class Suggestion:
 
     @property
     def power_of_two(self) -> int | None:
-        """The power of two nearest (in log scale) to the suggestion."""
-        return 2 ** max(0, round(math.log2(self.b_crit))) if self.resolved and self.b_crit > 0 else None
+        """The power of two nearest (in log scale) to the suggestion, not below its interval's lower end."""
+        if not self.resolved:
+            return None
+        return suggested_batch_size(self.b_crit, self.lower * self.factor)
 
 
 @dataclass(frozen=True)
