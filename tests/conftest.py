@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -27,4 +28,6 @@ def setup_ddp(rank: int, world_size: int, port: int) -> None:
     """Join a gloo process group on localhost (CPU): what torchmetrics' own tests do."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A collective that never completes raises after a minute (gloo honours the timeout) instead of hanging the
+    # test until pytest-timeout kills it without a trace.
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
