@@ -534,7 +534,11 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir) -> None:
                 F.cross_entropy(ddp(x[part]), y[part]).backward()
             engine.remove()
             results[kind, fused] = grads(ddp.module)
+            # The wrapper's reducer holds the process group: freed here, not with this frame after the group is
+            # destroyed (gloo's destructor then joins a worker thread that waits for the GIL: a teardown deadlock).
+            del ddp
         torch.save(results, out_dir / f"rank{rank}.pt")
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
