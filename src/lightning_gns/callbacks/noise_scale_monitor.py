@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_gns._compat.dynamo import compiled_parts
 from lightning_gns.callbacks.batch_size_growth import DEFAULT_HORIZON_STEPS, BatchSizeGrowth, LRScaling
 from lightning_gns.functional.noise_scale import _check_confidence
 from lightning_gns.functional.smoothing import NoiseScaleEMA, ema_compute, ema_init, ema_update
@@ -300,6 +301,8 @@ class NoiseScaleMonitor(Callback):
                 f"`per_layer=True` needs the per_example source (per-layer norms of every example), but the run "
                 f"uses `{name}`. Pass `source='per_example'`, or drop `per_layer`."
             )
+        if name == "per_example":
+            _refuse_compiled(pl_module, chosen=self.source_name == "auto")
         self._source = self._build_source(name, trainer, world, accumulate)
         if not isinstance(self._source, DDPSource):
             self._source.attach(pl_module)
@@ -673,6 +676,26 @@ def _estimable(norms: StepNorms) -> StepNorms:
         torch.where(degenerate, nan, norms.sq_norm_big),
         norms.batch_small,
         torch.where(degenerate, norms.batch_small + 1, norms.batch_big),
+    )
+
+
+def _refuse_compiled(pl_module: pl.LightningModule, chosen: bool) -> None:
+    """Stop before training when the per_example source would measure a compiled model.
+
+    TorchDynamo traces the forward hooks of the per-example engine into its graph or runs compiled code around
+    them, so the per-example norms of a compiled part come out wrong or not at all; the other two sources read
+    parameter gradients and DDP buckets, which a compiled forward leaves as they are.
+    """
+    parts = compiled_parts(pl_module)
+    if not parts:
+        return
+    how = "`source='auto'` picked `per_example` (one device, no accumulation), which" if chosen else "`per_example`"
+    raise MisconfigurationException(
+        f"NoiseScaleMonitor: {how} cannot measure a model compiled with torch.compile (compiled: "
+        f"{', '.join(parts)}): the per-example hooks do not see inside compiled code, and the norms would be wrong. "
+        "Use a source that reads parameter gradients: `Trainer(accumulate_grad_batches=2)` or more (the "
+        "`accumulation` source, picked by 'auto'), or DDP with 2+ processes (the `ddp` source); or measure an "
+        "uncompiled model."
     )
 
 

@@ -1,0 +1,43 @@
+"""Which parts of a model run under ``torch.compile`` (TorchDynamo), read from attributes torch keeps private."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
+
+__all__ = ["compiled_parts"]
+
+# Bound methods that, when replaced by a compiled function, take the module's forward pass into a compiled graph.
+_COMPILED_METHODS = ("forward", "training_step")
+
+
+def compiled_parts(model: nn.Module) -> list[str]:
+    """Qualified names of the modules of ``model`` whose forward runs compiled, in module order.
+
+    Finds ``torch.compile(module)`` (an ``OptimizedModule`` in the tree), ``module.compile()``, a method replaced
+    by ``torch.compile(module.forward)``, and a LightningModule handed to ``Trainer.fit`` compiled (Lightning keeps
+    the compiler in ``_compiler_ctx``). The root is named ``"(model)"``. Code compiled inside ``training_step``
+    (a compiled function called there) cannot be seen from the modules.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 2), torch.compile(nn.Linear(2, 2)))
+        >>> compiled_parts(net)
+        ['1']
+    """
+    found = []
+    for name, module in model.named_modules():
+        compiled = (
+            isinstance(module, OptimizedModule)
+            or getattr(module, "_compiled_call_impl", None) is not None  # nn.Module.compile()
+            or getattr(module, "_compiler_ctx", None) is not None  # Lightning's from_compiled
+            or any(hasattr(getattr(module, m, None), "_torchdynamo_orig_callable") for m in _COMPILED_METHODS)
+        )
+        if compiled:
+            found.append(name or "(model)")
+    # The modules inside a compiled one are compiled with it: name only the outermost.
+    if "(model)" in found:
+        return ["(model)"]
+    return [n for n in found if not any(n.startswith(f"{outer}.") for outer in found)]
