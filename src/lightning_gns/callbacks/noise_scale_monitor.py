@@ -234,6 +234,7 @@ class NoiseScaleMonitor(Callback):
         self._examples_seen = torch.zeros((), dtype=torch.float64)
         self._last_batch_big: Tensor | None = None
         self._batch_examples = 0
+        self._num_train_loaders = 1
         self._comm_hook_registered_by_lightning = False
         self._pending: list[StepNorms] = []
         self._world_size = 1
@@ -409,6 +410,7 @@ class NoiseScaleMonitor(Callback):
                 ddp_model.register_comm_hook(strategy._ddp_comm_state, self._source.comm_hook)
         if self.growth is not None:
             self.growth.on_train_start(trainer, self._source, self.horizon_examples)
+        self._num_train_loaders = len(_leaves(trainer.train_dataloader))
         if self.finite_population:
             self.population_size = _training_set_size(trainer)
         if not trainer.loggers:
@@ -465,7 +467,7 @@ class NoiseScaleMonitor(Callback):
     ) -> None:
         if self.growth is not None:
             self.growth.on_train_batch_start(trainer, self._source, batch_idx)
-        self._batch_examples = extract_batch_size(batch)
+        self._batch_examples = _examples_in(batch, trainer.train_dataloader)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -481,8 +483,30 @@ class NoiseScaleMonitor(Callback):
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._source is not None:
-            self._source.micro_batch_done(self._batch_examples)
+        if self._source is None:
+            return
+        if isinstance(self._source, PerExampleSource) and self._num_train_loaders > 1:
+            self._check_examples_measured(self._source, trainer.global_step)
+        self._source.micro_batch_done(self._batch_examples)
+
+    def _check_examples_measured(self, source: PerExampleSource, step: int) -> None:
+        """With several training dataloaders, the per-example hooks must have seen every example of the batch.
+
+        A ``training_step`` that calls the model once per loader hands each layer two batches of the same size in
+        one backward pass; the hooks add example i of one loader to example i of the other (they cannot tell them
+        from a layer called twice on the same examples), which would make the norms wrong.
+        """
+        seen = source.pending_examples()
+        if seen in (0, self._batch_examples):
+            return
+        raise MisconfigurationException(
+            f"NoiseScaleMonitor: the run has {self._num_train_loaders} training dataloaders, and the per-example "
+            f"hooks saw {seen} examples of {self._batch_examples} in the batch at step {step}: the model was called "
+            "once per loader, and per-example norms would pair example i of one loader with example i of another. "
+            "In `training_step`, concatenate the loaders' batches into one forward pass, or use a source that does "
+            "not need per-example gradients: `Trainer(accumulate_grad_batches=2)` or more (the `accumulation` "
+            "source) or DDP with 2+ processes (`ddp`)."
+        )
 
     @override
     def on_before_optimizer_step(
@@ -699,15 +723,58 @@ def _refuse_compiled(pl_module: pl.LightningModule, chosen: bool) -> None:
     )
 
 
+def _leaves(loaders: Any) -> list[Any]:
+    """The dataloaders of ``trainer.train_dataloader`` (one, or a dict/list of them, nested), in batch order."""
+    if isinstance(loaders, Mapping):
+        return [leaf for value in loaders.values() for leaf in _leaves(value)]
+    if isinstance(loaders, list | tuple):
+        return [leaf for value in loaders for leaf in _leaves(value)]
+    return [loaders]
+
+
+def _batch_parts(loaders: Any, batch: Any) -> list[Any]:
+    """The batch of each dataloader in a combined batch, which Lightning shapes like the loaders' container."""
+    if isinstance(loaders, Mapping):
+        return [part for key, value in loaders.items() for part in _batch_parts(value, batch[key])]
+    if isinstance(loaders, list | tuple):
+        return [part for value, sub in zip(loaders, batch, strict=True) for part in _batch_parts(value, sub)]
+    return [batch]
+
+
+def _examples_in(batch: Any, loaders: Any) -> int:
+    """The examples of a training batch: with several dataloaders, those of every loader's batch together."""
+    if not isinstance(loaders, Mapping | list | tuple):
+        return extract_batch_size(batch)
+    # "max_size" mode hands None for a loader that ran out.
+    return sum(extract_batch_size(part) for part in _batch_parts(loaders, batch) if part is not None)
+
+
 def _training_set_size(trainer: pl.Trainer) -> int | None:
-    """The number of training examples, if the training set has a length (an IterableDataset has none)."""
-    loader = trainer.train_dataloader
-    dataset = getattr(loader, "dataset", None)
+    """The number of training examples, if the training set has a length (an IterableDataset has none).
+
+    With several training dataloaders, the examples of all their data sets. That is the population the batches
+    are drawn from when every loader's share of a batch is its share of the data (then the finite-population
+    correction holds for the union); otherwise no correction is applied.
+    """
+    loaders = _leaves(trainer.train_dataloader)
     try:
-        size = len(dataset)  # type: ignore[arg-type]
-    except TypeError:
+        sizes = [len(loader.dataset) for loader in loaders]
+    except (TypeError, AttributeError):
         rank_zero_info("NoiseScaleMonitor: the training set has no length; no finite-population correction.")
         return None
+    if len(loaders) > 1:
+        shares = [getattr(loader, "batch_size", None) for loader in loaders]
+        known = [b for b in shares if isinstance(b, int)]
+        proportional = len(known) == len(loaders) and all(
+            abs(b * sum(sizes) - n * sum(known)) <= 0.01 * n * sum(known) for b, n in zip(known, sizes, strict=True)
+        )
+        if not proportional:
+            rank_zero_info(
+                f"NoiseScaleMonitor: the {len(loaders)} training dataloaders' batch sizes ({shares}) are not in "
+                f"proportion to their data sets ({sizes}); no finite-population correction."
+            )
+            return None
+    size = sum(sizes)
     return size if size >= 2 else None
 
 

@@ -121,6 +121,12 @@ class PerExampleSource(GradientSource):
             self._examples += n
             self._num_micro += 1
 
+    def pending_examples(self) -> int:
+        """The examples of the backward passes the hooks measured since the last :meth:`micro_batch_done`."""
+        if self._engine is None:
+            return 0
+        return sum(record.batch_size for record in self._engine.records)
+
     def step_norms(self, grad_scale: Tensor | None = None) -> StepNorms:
         """Mean per-example squared norm over this rank's examples, and the batch gradient's norm."""
         if self._sum_sq is None or self._examples == 0:
