@@ -227,6 +227,27 @@ def test_resume_continues_smoothed_statistics_exactly(problem, tmp_path):
     torch.testing.assert_close(resumed.metric.compute()["num_steps"], straight.metric.compute()["num_steps"])
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric:UserWarning")
+def test_checkpoint_from_before_example_weights_resumes_with_its_mean_batch(problem):
+    """A monitor checkpoint whose metric holds unit-weighted sums (no `sum_weight`) loads to the same averages."""
+    net, dataset, _ = problem
+    monitor = NoiseScaleMonitor(source="per_example")
+    _fit_fixed_weights(net, dataset, monitor, epochs=2, batch_size=32)
+    expected = monitor.metric.compute()
+    state = monitor.state_dict()
+    old = dict(state["metric"])
+    del old["sum_weight"], old["sum_weight_sq"]
+    for name in ("sum_grad_sq_norm", "sum_trace_sigma", "sum_grad_sq_norm_sq", "sum_trace_sigma_sq", "sum_cross"):
+        old[name] = old[name] / 32  # one weight per step, as such a checkpoint summed
+    restored = NoiseScaleMonitor(source="per_example")
+    restored.load_state_dict({**state, "metric": old})
+    for key, value in expected.items():
+        torch.testing.assert_close(restored.metric.compute()[key], value, equal_nan=True, msg=key)
+    # Its 16 steps weigh the mean batch of the run (512 examples over 16 steps), like the steps still to come.
+    assert float(restored.metric.sum_weight) == pytest.approx(512.0)
+    assert float(restored.metric.sum_weight_sq) == pytest.approx(16 * 32.0**2)
+
+
 def test_misconfiguration_errors(problem):
     net, dataset, _ = problem
     loader = DataLoader(dataset, batch_size=32)
@@ -324,5 +345,8 @@ def test_one_example_batches_are_skipped_not_fatal(problem):
     out = monitor.metric.compute()
     assert float(out["num_skipped"]) == 2  # the one-example batch of each epoch
     assert float(out["num_steps"]) == 16
+    # Each step of the run average weighs its examples; the skipped ones nothing.
+    assert float(monitor.metric.sum_weight) == 2 * 256
+    assert float(monitor.metric.sum_weight_sq) == 16 * 32**2
     assert math.isfinite(float(monitor.estimates["b_simple"]))
     assert float(monitor.estimates["examples"]) == 2 * 257

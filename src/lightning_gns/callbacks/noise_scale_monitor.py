@@ -649,6 +649,11 @@ class NoiseScaleMonitor(Callback):
             setattr(self.metric, name, value.clone())
         self._num_skipped = state_dict["num_skipped"].clone()
         self._examples_seen = state_dict["examples_seen"].clone()
+        # A checkpoint from before the run average weighted steps by their examples: its steps get the mean batch.
+        legacy = "sum_weight" not in state_dict["metric"]
+        steps_taken = (self.metric.num_steps + self._num_skipped).clamp(min=1.0)
+        if legacy:
+            self.metric._adopt_unit_weights(self._examples_seen.to(steps_taken) / steps_taken)
         self._restored_preconditioned = state_dict.get("preconditioned")
         layer_ema = state_dict.get("layer_ema")
         self._layer_ema = None if layer_ema is None else NoiseScaleEMA(**layer_ema)
@@ -657,6 +662,8 @@ class NoiseScaleMonitor(Callback):
         if state_dict.get("layer_metric") is not None and self.layer_metric is not None:
             for name, value in state_dict["layer_metric"].items():
                 setattr(self.layer_metric, name, value.clone())
+            if legacy:
+                self.layer_metric._adopt_unit_weights(self._examples_seen.to(steps_taken) / steps_taken)
 
 
 def _estimable(norms: StepNorms) -> StepNorms:
