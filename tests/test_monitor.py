@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -227,6 +228,27 @@ def test_resume_continues_smoothed_statistics_exactly(problem, tmp_path):
     torch.testing.assert_close(resumed.metric.compute()["num_steps"], straight.metric.compute()["num_steps"])
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric:UserWarning")
+def test_checkpoint_from_before_example_weights_resumes_with_its_mean_batch(problem):
+    """A monitor checkpoint whose metric holds unit-weighted sums (no `sum_weight`) loads to the same averages."""
+    net, dataset, _ = problem
+    monitor = NoiseScaleMonitor(source="per_example")
+    _fit_fixed_weights(net, dataset, monitor, epochs=2, batch_size=32)
+    expected = monitor.metric.compute()
+    state = monitor.state_dict()
+    old = dict(state["metric"])
+    del old["sum_weight"], old["sum_weight_sq"]
+    for name in ("sum_grad_sq_norm", "sum_trace_sigma", "sum_grad_sq_norm_sq", "sum_trace_sigma_sq", "sum_cross"):
+        old[name] = old[name] / 32  # one weight per step, as such a checkpoint summed
+    restored = NoiseScaleMonitor(source="per_example")
+    restored.load_state_dict({**state, "metric": old})
+    for key, value in expected.items():
+        torch.testing.assert_close(restored.metric.compute()[key], value, equal_nan=True, msg=key)
+    # Its 16 steps weigh the mean batch of the run (512 examples over 16 steps), like the steps still to come.
+    assert float(restored.metric.sum_weight) == pytest.approx(512.0)
+    assert float(restored.metric.sum_weight_sq) == pytest.approx(16 * 32.0**2)
+
+
 def test_misconfiguration_errors(problem):
     net, dataset, _ = problem
     loader = DataLoader(dataset, batch_size=32)
@@ -324,5 +346,94 @@ def test_one_example_batches_are_skipped_not_fatal(problem):
     out = monitor.metric.compute()
     assert float(out["num_skipped"]) == 2  # the one-example batch of each epoch
     assert float(out["num_steps"]) == 16
+    # Each step of the run average weighs its examples; the skipped ones nothing.
+    assert float(monitor.metric.sum_weight) == 2 * 256
+    assert float(monitor.metric.sum_weight_sq) == 16 * 32**2
     assert math.isfinite(float(monitor.estimates["b_simple"]))
     assert float(monitor.estimates["examples"]) == 2 * 257
+
+
+def test_one_example_per_step_is_refused_at_the_first_step(problem):
+    """batch_size=1 under per_example: no step could carry an estimate; it says so instead of logging NaN forever."""
+    net, dataset, _ = problem
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"(?s)one example per optimizer step has no batch-level spread.*batch_size >= 2.*"
+        r"accumulate_grad_batches >= 2.*DDP",
+    ):
+        quiet_trainer(max_steps=3, callbacks=[NoiseScaleMonitor(source="per_example")]).fit(
+            Classifier(copy_net(net)), DataLoader(dataset, batch_size=1)
+        )
+    # One example per micro-batch with accumulation has a spread to measure: the same loader trains.
+    monitor = NoiseScaleMonitor(source="per_example")
+    quiet_trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[monitor]).fit(
+        Classifier(copy_net(net)), DataLoader(dataset, batch_size=1)
+    )
+    assert float(monitor.metric.compute()["num_steps"]) == 3
+
+
+class _NaNLoss(Classifier):
+    """A NaN loss at the given optimizer steps. With ``guard`` the non-finite gradients are zeroed after the monitor
+    read them (a skipped step, as AMP's); without, the SGD step writes NaN into the weights and every later loss is
+    NaN as well."""
+
+    def __init__(self, net: nn.Module, nan_steps: set[int], guard: bool) -> None:
+        super().__init__(net, lr=0.05)
+        self.nan_steps = nan_steps
+        self.guard = guard
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step in self.nan_steps else loss
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.guard:
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.nan_to_num_(0.0, 0.0, 0.0)
+
+
+def _frozen_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "estimates are frozen" in str(w.message)]
+
+
+def _logged(tmp_path, key):
+    import csv as csv_module
+
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as file:
+        return [(int(r["step"]), float(r[key])) for r in csv_module.DictReader(file) if r.get(key)]
+
+
+def test_nan_loss_that_poisons_the_weights_warns_once(problem, tmp_path):
+    net, dataset, _ = problem
+    monitor = NoiseScaleMonitor(source="per_example", log_every_n_steps=5)
+    trainer = quiet_trainer(max_steps=40, callbacks=[monitor], logger=CSVLogger(tmp_path, name="csv", version=0))
+    with pytest.warns(RuntimeWarning, match=r"(?s)not finite: the loss is NaN.*frozen at the last finite step") as rec:
+        trainer.fit(_NaNLoss(copy_net(net), nan_steps={3}, guard=False), DataLoader(dataset, batch_size=32))
+    assert len(_frozen_warnings(rec)) == 1  # once, though 37 steps in a row were skipped
+    assert "the last 12 optimizer steps" in _frozen_warnings(rec)[0]  # steps 3-14: the first all-skipped period
+    assert not any(math.isfinite(p.detach().sum().item()) for p in trainer.lightning_module.net.parameters())
+    # The staleness is logged: steps 3, 4 skipped by the log at step 4, then 5 more every period.
+    assert _logged(tmp_path, "gns/steps_since_estimate") == [(4, 2.0)] + [(s, s - 2.0) for s in range(9, 40, 5)]
+    frozen = [value for step, value in _logged(tmp_path, "gns/b_simple") if step >= 4]
+    assert len(set(frozen)) == 1  # the estimate of step 2, logged as it is
+    assert float(monitor.metric.compute()["num_skipped"]) == 37
+
+
+def test_a_single_nan_batch_is_quiet_and_a_recurring_run_of_them_warns_again(problem):
+    net, dataset, _ = problem
+    monitor = NoiseScaleMonitor(source="per_example", log_every_n_steps=5)
+    single = _NaNLoss(copy_net(net), nan_steps={3}, guard=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=40, callbacks=[monitor]).fit(single, DataLoader(dataset, batch_size=32))
+    assert float(monitor.metric.compute()["num_skipped"]) == 1
+    assert float(monitor._steps_since_estimate) == 0
+    assert _frozen_warnings(record) == []
+    # Two runs of 15 NaN steps, with finite steps between: one warning each.
+    twice = _NaNLoss(copy_net(net), nan_steps=set(range(5, 20)) | set(range(25, 40)), guard=True)
+    with pytest.warns(RuntimeWarning, match=r"estimates are frozen") as record:
+        quiet_trainer(max_steps=40, callbacks=[NoiseScaleMonitor(source="per_example", log_every_n_steps=5)]).fit(
+            twice, DataLoader(dataset, batch_size=32)
+        )
+    assert len(_frozen_warnings(record)) == 2

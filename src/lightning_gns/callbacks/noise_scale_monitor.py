@@ -40,6 +40,10 @@ _SOURCES = ("auto", "ddp", "accumulation", "per_example")
 SOURCE_HPARAM = "gns_source"
 LR_SCALING_HPARAM = "lr_scaling"
 
+# Consecutive skipped steps (a whole logging period of them) after which the frozen estimates are warned about:
+# an AMP overflow now and then is routine and stays quiet.
+FROZEN_AFTER_STEPS = 10
+
 
 class NoiseScaleMonitor(Callback):
     r"""Measure and log the gradient noise scale :math:`B_{simple} = \operatorname{tr}(\Sigma)/|G|^2` while training.
@@ -61,7 +65,8 @@ class NoiseScaleMonitor(Callback):
     most precise pair, as precise as the best linear combination of all three), else ``ddp`` with 2+ processes,
     else ``per_example``; it says which in the log.
     Norms are read before gradient clipping, after AMP's loss scale is taken out; steps whose gradients are not
-    finite are skipped and counted.
+    finite are skipped and counted. When a whole logging period of at least 10 steps was skipped (a NaN loss that
+    poisoned the weights) it warns once, until the run recovers, that the logged estimates are frozen.
 
     Logged every ``log_every_n_steps`` (the Trainer's by default), under ``log_key_prefix`` (default ``gns/``):
 
@@ -78,6 +83,8 @@ class NoiseScaleMonitor(Callback):
     ``batch_size``            the step's big batch (examples per optimizer step, all ranks)
     ``examples``              examples seen by the optimizer steps so far (all ranks)
     ``num_skipped``           steps left out so far because their gradients were not finite
+    ``steps_since_estimate``  optimizer steps since the last one that carried an estimate (0 when the
+                              latest did): how stale the values above are
     ``horizon_examples``      the moving average's horizon in examples
     ``preconditioned``        1 when the values above are those of the preconditioned noise scale, else 0
     ========================  ===================================================================
@@ -137,8 +144,9 @@ class NoiseScaleMonitor(Callback):
 
     Raises:
         MisconfigurationException: for an unknown source or invalid option, at ``setup`` when the run cannot
-            support the chosen source, and at ``on_fit_start`` for ``preconditioned=True`` without an Adam-family
-            optimizer (the message says what to change).
+            support the chosen source, at ``on_fit_start`` for ``preconditioned=True`` without an Adam-family
+            optimizer, and at the first optimizer step of a fit when it can carry no estimate (one example per
+            step under ``per_example``) (the message says what to change).
 
     Example::
 
@@ -232,6 +240,15 @@ class NoiseScaleMonitor(Callback):
         self._ema: NoiseScaleEMA | None = None
         self._num_skipped = torch.zeros(())
         self._examples_seen = torch.zeros((), dtype=torch.float64)
+        # Steps since the last one with an estimate, on the device (read at logging steps only), and what the
+        # last logging step read of it, with the steps folded since: enough to tell a recovery from a long run.
+        self._steps_since_estimate = torch.zeros(())
+        self._since_at_log = 0.0
+        self._folded_since_log = 0
+        self._warned_frozen = False
+        # The first measured step of a fresh fit is checked for an estimate at all (a resumed one may start on an
+        # epoch's short last batch, which is skipped like any).
+        self._first_step_checked = False
         self._last_batch_big: Tensor | None = None
         self._batch_examples = 0
         self._num_train_loaders = 1
@@ -275,6 +292,8 @@ class NoiseScaleMonitor(Callback):
         # Fresh state tensors: `ddp_spawn` pickles the callback into shared memory, where in-place updates of one
         # rank would be seen by all.
         self.metric.reset()
+        self._first_step_checked = False
+        self._warned_frozen = False
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 "NoiseScaleMonitor supports automatic optimization only: with manual optimization the steps and "
@@ -585,7 +604,11 @@ class NoiseScaleMonitor(Callback):
             self._ema = NoiseScaleEMA(*(t.to(device) for t in self._ema))
             self._num_skipped = self._num_skipped.to(device)
             self._examples_seen = self._examples_seen.to(device)
+            self._steps_since_estimate = self._steps_since_estimate.to(device)
             self.metric.to(device)
+        if not self._first_step_checked:
+            self._first_step_checked = True
+            self._check_first_step(norms)
         usable = _estimable(norms)
         self._ema, skipped = ema_update(
             self._ema,
@@ -603,6 +626,21 @@ class NoiseScaleMonitor(Callback):
         self._last_batch_big = norms.batch_big
         self._num_skipped = self._num_skipped + skipped
         self._examples_seen = self._examples_seen + norms.batch_big
+        self._steps_since_estimate = torch.where(skipped, self._steps_since_estimate + 1, 0.0)
+        self._folded_since_log += 1
+
+    def _check_first_step(self, norms: StepNorms) -> None:
+        """Refuse a fit whose steps cannot carry an estimate, rather than skip every step without a word."""
+        small, big = torch.stack([norms.batch_small, norms.batch_big]).double().tolist()  # once per fit
+        if big > small:
+            return
+        source = self._source.name if self._source is not None else "?"
+        raise MisconfigurationException(
+            f"NoiseScaleMonitor: the first optimizer step holds {big:g} example(s) in its big batch against "
+            f"{small:g} in its small one (`{source}` source): one example per optimizer step has no batch-level "
+            "spread to measure, so every step would be skipped and `b_simple` stay NaN. Train with batch_size >= 2, "
+            "or accumulate_grad_batches >= 2 (which selects the `accumulation` source), or DDP on 2+ devices."
+        )
 
     def _should_log(self, trainer: pl.Trainer) -> bool:
         # Lightning sets `Trainer.log_every_n_steps` at run time, hence unknown to type checkers.
@@ -623,8 +661,11 @@ class NoiseScaleMonitor(Callback):
             "examples",
         )
         # The only host sync of the monitor, once per logging period.
-        values = torch.stack([estimates[k].double() for k in keys] + [self._num_skipped.double()]).tolist()
-        metrics = {f"{self.log_key_prefix}{k}": v for k, v in zip((*keys, "num_skipped"), values, strict=True)}
+        counts = [self._num_skipped.double(), self._steps_since_estimate.to(self._num_skipped).double()]
+        values = torch.stack([estimates[k].double() for k in keys] + counts).tolist()
+        names = (*keys, "num_skipped", "steps_since_estimate")
+        metrics = {f"{self.log_key_prefix}{k}": v for k, v in zip(names, values, strict=True)}
+        self._warn_if_frozen(values[-1])
         if self.horizon_examples is not None:
             metrics[f"{self.log_key_prefix}horizon_examples"] = float(self.horizon_examples)
         metrics[f"{self.log_key_prefix}preconditioned"] = float(self.is_preconditioned)
@@ -645,6 +686,25 @@ class NoiseScaleMonitor(Callback):
             # Every rank is here (logging steps are shared), as the decision's collective needs.
             self.growth.decide(trainer, {k: metrics[f"{self.log_key_prefix}{k}"] for k in keys})
 
+    def _warn_if_frozen(self, since: float) -> None:
+        """Warn once when a whole logging period (of 10+ steps) was skipped; again only after a recovery."""
+        folded, self._folded_since_log = self._folded_since_log, 0
+        if since < self._since_at_log + folded:  # a step with an estimate reset the count since the last log
+            self._warned_frozen = False
+        self._since_at_log = since
+        if self._warned_frozen or since < max(FROZEN_AFTER_STEPS, folded):
+            return
+        self._warned_frozen = True
+        rank_zero_warn(
+            f"NoiseScaleMonitor: the last {since:.0f} optimizer steps were all skipped because their gradients were "
+            "not finite: the loss is NaN or inf (a learning rate too high, bad data, an overflow; with AMP, a loss "
+            "scale that keeps overflowing), and once NaN reaches the weights every later step is too. The logged "
+            f"`{self.log_key_prefix}` estimates are frozen at the last finite step "
+            f"(`{self.log_key_prefix}steps_since_estimate` counts the steps since). Check the loss; "
+            "`Trainer(detect_anomaly=True)` shows where a NaN first appears.",
+            category=RuntimeWarning,
+        )
+
     # -- checkpointing --------------------------------------------------------------------------------------------
 
     @override
@@ -656,6 +716,7 @@ class NoiseScaleMonitor(Callback):
             "ema": None if self._ema is None else {k: v.detach().cpu() for k, v in self._ema._asdict().items()},
             "metric": {name: getattr(self.metric, name).detach().cpu() for name in self.metric._defaults},
             "num_skipped": self._num_skipped.detach().cpu(),
+            "steps_since_estimate": self._steps_since_estimate.detach().cpu(),
             "examples_seen": self._examples_seen.detach().cpu(),
             "preconditioned": self.is_preconditioned if self._ema is not None else None,
             "layer_ema": None
@@ -676,6 +737,14 @@ class NoiseScaleMonitor(Callback):
             setattr(self.metric, name, value.clone())
         self._num_skipped = state_dict["num_skipped"].clone()
         self._examples_seen = state_dict["examples_seen"].clone()
+        self._steps_since_estimate = state_dict.get("steps_since_estimate", torch.zeros(())).clone()
+        self._since_at_log, self._folded_since_log = float(self._steps_since_estimate), 0
+        self._first_step_checked = True
+        # A checkpoint from before the run average weighted steps by their examples: its steps get the mean batch.
+        legacy = "sum_weight" not in state_dict["metric"]
+        steps_taken = (self.metric.num_steps + self._num_skipped).clamp(min=1.0)
+        if legacy:
+            self.metric._adopt_unit_weights(self._examples_seen.to(steps_taken) / steps_taken)
         self._restored_preconditioned = state_dict.get("preconditioned")
         layer_ema = state_dict.get("layer_ema")
         self._layer_ema = None if layer_ema is None else NoiseScaleEMA(**layer_ema)
@@ -684,6 +753,8 @@ class NoiseScaleMonitor(Callback):
         if state_dict.get("layer_metric") is not None and self.layer_metric is not None:
             for name, value in state_dict["layer_metric"].items():
                 setattr(self.layer_metric, name, value.clone())
+            if legacy:
+                self.layer_metric._adopt_unit_weights(self._examples_seen.to(steps_taken) / steps_taken)
 
 
 def _estimable(norms: StepNorms) -> StepNorms:

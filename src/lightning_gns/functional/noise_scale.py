@@ -218,8 +218,10 @@ def relative_examples(batch_size: Tensor | float, b_noise: Tensor | float) -> Te
 class NoiseScaleSums(NamedTuple):
     """Weighted sums of per-step estimates and of their products: the additive statistics behind every estimate.
 
-    For plain sums (the metric) the weights are 1 per finite step; for an exponential moving average they decay.
-    Means are ``sum / weight``; ``weight**2 / weight_sq`` is the effective number of steps.
+    For plain sums (the metric) each finite step weighs its examples (``batch_big``), so that a short step, such
+    as the last window of an epoch, counts for what it holds; for an exponential moving average the weights also
+    follow the examples (``elapsed``) and decay. Means are ``sum / weight``; ``weight**2 / weight_sq`` is the
+    effective number of steps.
     """
 
     weight: Tensor
@@ -252,11 +254,15 @@ def _gns_update(
     batch_big: BatchSize,
     group_shape: tuple[int, ...] = (),
     population_size: int | None = None,
-) -> tuple[NoiseScaleSums, Tensor]:
-    """Validate, estimate per step and sum over the leading (step) dimensions.
+) -> tuple[NoiseScaleSums, Tensor, Tensor]:
+    """Validate, estimate per step and sum over the leading (step) dimensions, each step weighted by ``batch_big``.
 
-    Inputs have shape ``(*steps, *group_shape)``. Non-finite steps (an AMP overflow) are left out of the sums
-    and counted in the second return value.
+    Inputs have shape ``(*steps, *group_shape)``. A step's estimates have a variance that falls roughly as one over
+    its examples, so weighting by them (rather than 1 per step) keeps a short step, such as an epoch's last window,
+    from counting as much as a full one. Non-finite steps (an AMP overflow) weigh nothing.
+
+    Returns:
+        ``(sums, num_steps, num_skipped)``: the weighted sums, and the counts of steps folded in and left out.
     """
     grad_sq_norm, trace_sigma, finite = _finite_estimates(
         sq_norm_small, sq_norm_big, batch_small, batch_big, population_size
@@ -267,21 +273,22 @@ def _gns_update(
             f"`group_shape={tuple(group_shape)}`, but got {tuple(grad_sq_norm.shape)}."
         )
     step_dims = tuple(range(grad_sq_norm.ndim - len(group_shape)))
-    weight = finite.to(grad_sq_norm.dtype)
+    counted = finite.to(grad_sq_norm.dtype)
+    weight = counted * _as_batch(batch_big, grad_sq_norm)
 
     def total(x: Tensor) -> Tensor:
         return x.sum(dim=step_dims) if step_dims else x
 
     sums = NoiseScaleSums(
         weight=total(weight),
-        weight_sq=total(weight),
-        grad_sq_norm=total(grad_sq_norm),
-        trace_sigma=total(trace_sigma),
-        grad_sq_norm_sq=total(grad_sq_norm**2),
-        trace_sigma_sq=total(trace_sigma**2),
-        cross=total(grad_sq_norm * trace_sigma),
+        weight_sq=total(weight**2),
+        grad_sq_norm=total(weight * grad_sq_norm),
+        trace_sigma=total(weight * trace_sigma),
+        grad_sq_norm_sq=total(weight * grad_sq_norm**2),
+        trace_sigma_sq=total(weight * trace_sigma**2),
+        cross=total(weight * grad_sq_norm * trace_sigma),
     )
-    return sums, total(1.0 - weight)
+    return sums, total(counted), total(1.0 - counted)
 
 
 def _gns_compute(sums: NoiseScaleSums, confidence: float = 0.9) -> dict[str, Tensor]:
@@ -329,7 +336,8 @@ def gradient_noise_scale(
     r"""The noise scale of many steps at once: the functional twin of :class:`~lightning_gns.GradientNoiseScale`.
 
     Each step's squared norms give an estimate of :math:`|G|^2` and :math:`\operatorname{tr}(\Sigma)`
-    (:func:`gns_estimates`); these are averaged over the steps and only then divided.
+    (:func:`gns_estimates`); these are averaged over the steps, each weighted by its examples (``batch_big``), and
+    only then divided.
 
     Args:
         sq_norm_small: squared norms at the small batch size, shape ``(*steps, *group_shape)``.
@@ -343,7 +351,8 @@ def gradient_noise_scale(
     Returns:
         A dict with ``b_simple`` (NaN where undefined, see ``b_simple_valid``), ``b_simple_std`` (delta method),
         ``b_simple_lower``/``b_simple_upper`` (Fieller interval), ``grad_sq_norm``, ``trace_sigma`` and their
-        standard errors, ``effective_steps``, ``num_steps`` and ``num_skipped`` (non-finite steps left out).
+        standard errors, ``effective_steps`` (:math:`(\sum w)^2/\sum w^2` of the weights), ``num_steps`` and
+        ``num_skipped`` (non-finite steps left out).
 
     Example::
 
@@ -354,9 +363,11 @@ def gradient_noise_scale(
         (tensor(11.7647), tensor(2.))
     """
     _check_confidence(confidence)
-    sums, skipped = _gns_update(sq_norm_small, sq_norm_big, batch_small, batch_big, tuple(group_shape), population_size)
+    sums, steps, skipped = _gns_update(
+        sq_norm_small, sq_norm_big, batch_small, batch_big, tuple(group_shape), population_size
+    )
     out = _gns_compute(sums, confidence)
-    out["num_steps"] = sums.weight
+    out["num_steps"] = steps
     out["num_skipped"] = skipped
     return out
 
