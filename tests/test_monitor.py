@@ -268,7 +268,7 @@ def test_misconfiguration_errors(problem):
         quiet_trainer(max_steps=1, callbacks=[NoiseScaleMonitor()]).fit(Manual(copy_net(net)), loader)
     with pytest.raises(MisconfigurationException, match=r"`source` to be one of"):
         NoiseScaleMonitor(source="gradients")  # type: ignore[arg-type]
-    with pytest.raises(MisconfigurationException, match=r"`horizon_examples` > 0"):
+    with pytest.raises(MisconfigurationException, match=r"`horizon_examples` to be a finite number > 0"):
         NoiseScaleMonitor(horizon_examples=0)
     with pytest.raises(MisconfigurationException, match=r"`confidence` in \(0, 1\)"):
         NoiseScaleMonitor(confidence=0)

@@ -2,6 +2,7 @@ r"""``NoiseScaleMonitor``: the gradient noise scale of a Lightning run, logged w
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -25,6 +26,7 @@ from lightning_gns.callbacks.batch_size_growth import DEFAULT_HORIZON_STEPS, Bat
 from lightning_gns.functional.noise_scale import _check_confidence
 from lightning_gns.functional.smoothing import NoiseScaleEMA, ema_compute, ema_init, ema_update
 from lightning_gns.metric import GradientNoiseScale
+from lightning_gns.scheduler import _POLICIES as _GROWTH_POLICIES
 from lightning_gns.scheduler import BatchSizeScheduler, GrowthPolicy
 from lightning_gns.sources.accumulation import AccumulationSource
 from lightning_gns.sources.base import GradientSource, StepNorms, average_over_ranks
@@ -180,15 +182,23 @@ class NoiseScaleMonitor(Callback):
     ) -> None:
         if source not in _SOURCES:
             raise MisconfigurationException(f"Expected `source` to be one of {_SOURCES}, but got {source!r}.")
-        if horizon_examples is not None and not horizon_examples > 0:
+        if horizon_examples is not None and not (_is_number(horizon_examples) and 0 < horizon_examples < math.inf):
             raise MisconfigurationException(
-                f"Expected `horizon_examples` > 0 (examples of history), or None for 100 steps' worth; got "
-                f"{horizon_examples!r}."
+                f"Expected `horizon_examples` to be a finite number > 0 (examples of history), or None for 100 steps' "
+                f"worth; got {horizon_examples!r}."
             )
-        if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise MisconfigurationException(f"Expected `log_every_n_steps` >= 1, got {log_every_n_steps!r}.")
-        if not b_crit_factor > 0:
-            raise MisconfigurationException(f"Expected `b_crit_factor` > 0, got {b_crit_factor!r}.")
+        if log_every_n_steps is not None and not (_is_int(log_every_n_steps) and log_every_n_steps >= 1):
+            raise MisconfigurationException(
+                f"Expected `log_every_n_steps` to be an int >= 1 (optimizer steps), or None for the Trainer's; got "
+                f"{log_every_n_steps!r}."
+            )
+        if not (_is_number(b_crit_factor) and 0 < b_crit_factor < math.inf):
+            raise MisconfigurationException(
+                f"Expected `b_crit_factor` to be a finite number > 0, got {b_crit_factor!r}."
+            )
+        _check_growth_options(
+            grow_batch_size, growth_policy, max_batch_size, max_micro_batch_size, min_examples_between_changes
+        )
         if preconditioned not in (True, False, "auto"):
             raise MisconfigurationException(
                 f"Expected `preconditioned` to be True, False or 'auto', but got {preconditioned!r}."
@@ -428,6 +438,7 @@ class NoiseScaleMonitor(Callback):
                 assert isinstance(ddp_model, DistributedDataParallel)  # DDPStrategy.setup wrapped it
                 ddp_model.register_comm_hook(strategy._ddp_comm_state, self._source.comm_hook)
         if self.growth is not None:
+            self._check_micro_batch_cap(trainer)
             self.growth.on_train_start(trainer, self._source, self.horizon_examples)
         self._num_train_loaders = len(_leaves(trainer.train_dataloader))
         if self.finite_population:
@@ -451,6 +462,19 @@ class NoiseScaleMonitor(Callback):
                     # TensorBoardLogger writes hparams.yaml once, before this hook: bring it up to date.
                     hparams_file = os.path.join(logger.log_dir, TensorBoardLogger.NAME_HPARAMS_FILE)
                     save_hparams_to_yaml(hparams_file, logger.hparams)
+
+    def _check_micro_batch_cap(self, trainer: pl.Trainer) -> None:
+        """A memory cap below the micro-batch the run starts with would be exceeded from the first batch."""
+        assert self.growth is not None
+        cap = self.growth.max_micro_batch_size
+        start = getattr(trainer.train_dataloader, "batch_size", None)
+        if cap is not None and isinstance(start, int) and start > cap:
+            raise MisconfigurationException(
+                f"`max_micro_batch_size={cap}` is below the training dataloader's batch_size={start}, the micro-batch "
+                f"the run starts with: the first batches would already exceed the cap. Build the dataloader with "
+                f"batch_size <= {cap} (and `Trainer(accumulate_grad_batches=...)` for the same batch per step), or "
+                "raise the cap."
+            )
 
     def _tensorboard_layout(self) -> dict[str, dict[str, list[Any]]]:
         key = self.log_key_prefix
@@ -772,6 +796,42 @@ def _estimable(norms: StepNorms) -> StepNorms:
         norms.batch_small,
         torch.where(degenerate, norms.batch_small + 1, norms.batch_big),
     )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_growth_options(
+    grow: bool,
+    policy: str,
+    max_batch_size: int | None,
+    max_micro_batch_size: int | None,
+    min_examples_between_changes: float | None,
+) -> None:
+    """The batch-size growth options, checked when the monitor is built rather than when the fit starts."""
+    if policy not in _GROWTH_POLICIES:
+        raise MisconfigurationException(
+            f"Expected `growth_policy` to be one of {_GROWTH_POLICIES}, but got {policy!r}."
+        )
+    for name, value in (("max_batch_size", max_batch_size), ("max_micro_batch_size", max_micro_batch_size)):
+        if value is not None and not (_is_int(value) and value >= 1):
+            raise MisconfigurationException(f"Expected `{name}` to be an int >= 1 or None, but got {value!r}.")
+    wait = min_examples_between_changes
+    if wait is not None and not (_is_number(wait) and 0 <= wait < math.inf):
+        raise MisconfigurationException(
+            f"Expected `min_examples_between_changes` to be a finite number >= 0 or None (half the smoothing "
+            f"horizon), but got {wait!r}."
+        )
+    if not grow and (max_micro_batch_size is not None or wait is not None or policy != "b_crit"):
+        raise MisconfigurationException(
+            "`growth_policy`, `max_micro_batch_size` and `min_examples_between_changes` act only with "
+            "`grow_batch_size=True`: turn it on, or drop them."
+        )
 
 
 def _refuse_compiled(pl_module: pl.LightningModule, chosen: bool) -> None:
