@@ -263,3 +263,37 @@ def test_default_lr_rule_by_optimizer_kind():
     assert default_lr_scaling([ThirdPartyAdam(params)]) == "sqrt"
     with pytest.raises(MisconfigurationException, match="mix SGD and adaptive"):
         default_lr_scaling([torch.optim.SGD(params, lr=0.1), torch.optim.Adam(params)])
+
+
+class _ValidatedByExamples(Recorder):
+    """Records, at each validation, the examples of the current epoch trained on so far."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validations: list[tuple[int, int]] = []
+
+    def validation_step(self, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            seen = sum(len(index) for epoch, _, index in self.served if epoch == self.current_epoch)
+            self.validations.append((self.current_epoch, seen))
+
+
+@pytest.mark.parametrize("interval", [0.5, 0.25])
+def test_fractional_val_check_interval_follows_the_epochs_examples_across_changes(interval):
+    """val_check_interval=f validates after each f of the epoch's examples, with changes landing mid-epoch."""
+    model = _ValidatedByExamples()
+    monitor = _monitor([(12, 8), (40, 16)])
+    trainer = _trainer(monitor, max_epochs=3, num_sanity_val_steps=0, val_check_interval=interval)
+    data = _DataModule()
+    trainer.fit(model, datamodule=data)
+    assert [c["batch_size"] for c in monitor.growth.changes] == [8, 16]
+    assert any(c["batch"] > 0 for c in monitor.growth.changes), "a change must land mid-epoch"
+    expected = []
+    for epoch in range(3):
+        sizes = [len(index) for e, _, index in model.served if e == epoch]
+        cumulative = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+        period = interval * SIZE
+        # the first batch that completes each fraction k of the epoch's examples
+        for k in range(1, round(1 / interval) + 1):
+            expected.append((epoch, next(c for c in cumulative if c >= k * period - 1e-9)))
+    assert model.validations == expected

@@ -176,6 +176,12 @@ class ResizableBatchSampler(Sampler[list[int]]):
         generator.manual_seed(self.seed + self.epoch)
         return torch.randperm(self.dataset_size, generator=generator).tolist()
 
+    def examples_through(self, batch: int) -> int:
+        """Examples (all ranks) in the epoch's batches ``0..batch`` under the sizes set so far (0 before the first)."""
+        if batch < 0:
+            return 0
+        return self._bounds(min(batch, len(self) - 1))[1]
+
     def __len__(self) -> int:
         """Batches in this epoch under the sizes set so far (those already drawn included)."""
         last = self._segments[-1]

@@ -289,9 +289,33 @@ class BatchSizeGrowth:
             f"learning rate × {self._lr_to:.4g}, rule `{self.rule}`): {change.reason}."
         )
 
-    def on_train_batch_end(self, batch_idx: int) -> None:
-        """Count the batches of the epoch that have been trained on: the position a checkpoint resumes from."""
+    def on_train_batch_end(self, trainer: pl.Trainer, batch_idx: int) -> None:
+        """Count the batches trained on (the position a checkpoint resumes from); place mid-epoch validation."""
         self._consumed = batch_idx + 1
+        self._place_validation(trainer, batch_idx)
+
+    def _place_validation(self, trainer: pl.Trainer, batch_idx: int) -> None:
+        """Validate after each ``val_check_interval`` fraction of the epoch's *examples*, whatever the batch sizes.
+
+        Lightning validates when ``(batch_idx + 1) % val_check_batch == 0``, with ``val_check_batch`` worked out
+        once from the epoch's length in batches, which a change of batch size mid-epoch makes wrong (a validation
+        falls on no batch, or on the wrong one). Set after each batch, just before Lightning's check: the batch
+        itself when it completes a fraction of the epoch's examples, else a count that no batch index matches.
+        """
+        interval = trainer.val_check_interval
+        if (
+            self.sampler is None
+            or not isinstance(interval, float)
+            or getattr(trainer, "_val_check_time_interval", None) is not None
+            or trainer.check_val_every_n_epoch is None
+        ):
+            return
+        total = self.sampler.examples_through(len(self.sampler) - 1)
+        period = interval * total
+        before = self.sampler.examples_through(batch_idx - 1) / period
+        through = self.sampler.examples_through(batch_idx) / period
+        completes = math.floor(through + 1e-9) > math.floor(before + 1e-9)
+        trainer.val_check_batch = batch_idx + 1 if completes else batch_idx + 2
 
     def decide(self, trainer: pl.Trainer, estimates: Mapping[str, float]) -> None:
         """At a logging step (every rank): ask the scheduler and plan its change on every rank alike."""

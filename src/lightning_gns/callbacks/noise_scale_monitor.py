@@ -522,7 +522,7 @@ class NoiseScaleMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.growth is not None:
-            self.growth.on_train_batch_end(batch_idx)
+            self.growth.on_train_batch_end(trainer, batch_idx)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
