@@ -40,14 +40,6 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-class SumLossClassifier(Classifier):
-    """The same classifier with its loss summed over the batch's examples (``reduction="sum"``)."""
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        inputs, labels = batch
-        return nn.functional.cross_entropy(self.net(inputs), labels, reduction="sum")
-
-
 def pretrain(
     net: nn.Module,
     dataset: TensorDataset,

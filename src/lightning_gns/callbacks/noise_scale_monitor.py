@@ -21,7 +21,6 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_gns._compat.autograd import loss_reduction_of
 from lightning_gns._compat.dynamo import compiled_parts
 from lightning_gns.callbacks.batch_size_growth import DEFAULT_HORIZON_STEPS, BatchSizeGrowth, LRScaling
 from lightning_gns.functional.noise_scale import _check_confidence
@@ -144,11 +143,6 @@ class NoiseScaleMonitor(Callback):
             AdamW, NAdam and the like, plain B_simple for other optimizers. The optimizer has no second moment
             before its first step, so with preconditioning that step is not measured (the logged statistics
             never mix the two kinds). ``True`` with an optimizer that has no ``exp_avg_sq`` raises.
-        loss_reduction: how the training loss reduces over a batch's examples: ``"mean"`` (every torch loss's
-            default) or ``"sum"``; the logged tr Σ and |G|² are those of the mean loss either way (B_simple does
-            not depend on it). ``"auto"`` reads it off the loss's autograd graph at the first backward pass
-            (``mean()``/``sum()`` or a loss function's ``reduction``, under scalings by constants), and takes the
-            mean, saying so, when the graph does not show it.
 
     Raises:
         MisconfigurationException: for an unknown source or invalid option, at ``setup`` when the run cannot
@@ -185,7 +179,6 @@ class NoiseScaleMonitor(Callback):
         min_examples_between_changes: float | None = None,
         batch_size_scheduler: BatchSizeScheduler | None = None,
         preconditioned: bool | Literal["auto"] = "auto",
-        loss_reduction: Literal["auto", "mean", "sum"] = "auto",
     ) -> None:
         if source not in _SOURCES:
             raise MisconfigurationException(f"Expected `source` to be one of {_SOURCES}, but got {source!r}.")
@@ -244,12 +237,6 @@ class NoiseScaleMonitor(Callback):
                 "drop them."
             )
         self.preconditioned = preconditioned
-        if loss_reduction not in ("auto", "mean", "sum"):
-            raise MisconfigurationException(
-                f"Expected `loss_reduction` to be 'auto', 'mean' or 'sum', but got {loss_reduction!r}."
-            )
-        self.loss_reduction = loss_reduction
-        self._reduction_checked = False
         # Set at fit start when the preconditioned noise scale is measured; None: plain B_simple.
         self._preconditioner: AdamPreconditioner | None = None
         self._restored_preconditioned: bool | None = None
@@ -316,7 +303,6 @@ class NoiseScaleMonitor(Callback):
         # rank would be seen by all.
         self.metric.reset()
         self._first_step_checked = False
-        self._reduction_checked = False
         self._warned_frozen = False
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
@@ -348,8 +334,6 @@ class NoiseScaleMonitor(Callback):
         if name == "per_example":
             _refuse_compiled(pl_module, chosen=self.source_name == "auto")
         self._source = self._build_source(name, trainer, world, accumulate)
-        if self.loss_reduction != "auto":
-            self._source.loss_reduction = self.loss_reduction
         if not isinstance(self._source, DDPSource):
             self._source.attach(pl_module)
         if isinstance(self._source, PerExampleSource) and self.per_layer:
@@ -539,32 +523,6 @@ class NoiseScaleMonitor(Callback):
     ) -> None:
         if self.growth is not None:
             self.growth.on_train_batch_end(trainer, batch_idx)
-
-    @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if self._source is None or self._reduction_checked:
-            return
-        self._reduction_checked = True
-        detected = loss_reduction_of(loss)
-        if self.loss_reduction == "auto":
-            self._source.loss_reduction = detected or "mean"
-            if detected is None:
-                rank_zero_info(
-                    "NoiseScaleMonitor: the loss's graph does not show how it reduces over the batch's examples; "
-                    "taking their mean. Declare `loss_reduction='sum'` if the loss sums over them."
-                )
-            elif detected == "sum":
-                rank_zero_info(
-                    "NoiseScaleMonitor: the loss sums over the batch's examples; tr Σ and |G|² are "
-                    "reported for the mean loss."
-                )
-        elif detected is not None and detected != self.loss_reduction:
-            rank_zero_warn(
-                f"NoiseScaleMonitor: `loss_reduction='{self.loss_reduction}'` was declared, but the loss's graph "
-                f"ends in a {detected} over the examples: tr Σ and |G|² would be off by the batch size squared. "
-                "Check the declaration (or pass 'auto').",
-                category=RuntimeWarning,
-            )
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

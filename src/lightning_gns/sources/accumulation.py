@@ -8,14 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gns.sources.base import (
-    GradientSource,
-    LossReduction,
-    StepNorms,
-    _trainable,
-    global_grad_sq_norm,
-    mean_loss_scale,
-)
+from lightning_gns.sources.base import GradientSource, StepNorms, _trainable, global_grad_sq_norm
 from lightning_gns.sources.preconditioning import Preconditioner, weighted_sq_norm
 
 __all__ = ["AccumulationSource"]
@@ -41,14 +34,8 @@ class AccumulationSource(GradientSource):
 
     name = "accumulation"
 
-    def __init__(
-        self,
-        loss_divisor: int,
-        world_size: int = 1,
-        preconditioner: Preconditioner | None = None,
-        loss_reduction: LossReduction = "mean",
-    ) -> None:
-        super().__init__(world_size, preconditioner, loss_reduction)
+    def __init__(self, loss_divisor: int, world_size: int = 1, preconditioner: Preconditioner | None = None) -> None:
+        super().__init__(world_size, preconditioner)
         if loss_divisor < 1:
             raise ValueError(f"Expected `loss_divisor` >= 1 (accumulate_grad_batches), got {loss_divisor}.")
         self.loss_divisor = loss_divisor
@@ -58,8 +45,6 @@ class AccumulationSource(GradientSource):
         # step needs (summed once, at the step: fewer small kernels than a sum per micro-batch).
         self._micro_parts: list[Tensor] = []
         self._parts_done = 0
-        # Under a sum loss each micro-batch's parts carry 1/its examples (squared) of the mean-loss convention.
-        self._part_scales: list[float] = []
         self._num_micro = 0
         self._examples = 0
 
@@ -85,8 +70,6 @@ class AccumulationSource(GradientSource):
         """Count the finished micro-batch (if its backward reached any parameter) into the step."""
         if len(self._micro_parts) == self._parts_done:
             return
-        if self.loss_reduction == "sum":
-            self._part_scales += [num_examples**-2.0] * (len(self._micro_parts) - self._parts_done)
         self._parts_done = len(self._micro_parts)
         self._num_micro += 1
         self._examples += num_examples
@@ -96,17 +79,15 @@ class AccumulationSource(GradientSource):
         if self._num_micro == 0:
             raise RuntimeError("No backward pass was seen since the last optimizer step.")
         # Each micro-batch's gradient carries 1/loss_divisor; `.grad` carries num_micro/loss_divisor of a mean.
-        parts = torch.stack(self._micro_parts[: self._parts_done])
-        if self.loss_reduction == "sum":
-            parts = parts * torch.tensor(self._part_scales, dtype=parts.dtype).to(parts.device)
-        micro_mean = parts.sum() * (self.loss_divisor**2 / self._num_micro)
+        micro_mean = torch.stack(self._micro_parts[: self._parts_done]).sum() * (self.loss_divisor**2 / self._num_micro)
         if grad_scale is not None:
             micro_mean = micro_mean / grad_scale.float() ** 2
+        big = (
+            global_grad_sq_norm(self._params, self.preconditioner).to(micro_mean.device)
+            * (self.loss_divisor / self._num_micro) ** 2
+        )
         examples, num_micro = float(self._examples), self._num_micro
-        scale = mean_loss_scale(self.loss_reduction, self.loss_divisor, num_micro, examples)
-        big = global_grad_sq_norm(self._params, self.preconditioner).to(micro_mean.device) * scale**2
         self._micro_parts, self._parts_done, self._num_micro, self._examples = [], 0, 0, 0
-        self._part_scales = []
         return StepNorms(
             micro_mean,
             big,

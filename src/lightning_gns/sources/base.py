@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -12,36 +12,7 @@ from torch import Tensor, nn
 
 from lightning_gns.sources.preconditioning import Preconditioner, weighted_grad_sq_norms
 
-__all__ = [
-    "GradientSource",
-    "LossReduction",
-    "StepNorms",
-    "average_over_ranks",
-    "global_grad_sq_norm",
-    "mean_loss_scale",
-]
-
-#: How the training loss reduces over a micro-batch's examples: their mean (every torch loss's default) or sum.
-LossReduction = Literal["mean", "sum"]
-LOSS_REDUCTIONS = ("mean", "sum")
-
-
-def mean_loss_scale(reduction: LossReduction, loss_divisor: float, num_micro: int, examples: float) -> float:
-    """The factor that turns a gradient accumulated over ``num_micro`` backward passes into that of the mean loss.
-
-    Each pass's loss is the mean (or the sum) over its examples, divided by ``loss_divisor`` (Lightning's
-    ``accumulate_grad_batches``); ``examples`` are those of all the passes on this rank. With the mean, the
-    accumulated gradient is ``num_micro / loss_divisor`` times a mean over examples (for micro-batches of one
-    size); with the sum, it is ``examples / loss_divisor`` times it, exactly, whatever the sizes.
-
-    Example::
-
-        >>> mean_loss_scale("mean", 4, 4, 32), mean_loss_scale("sum", 4, 4, 32)
-        (1.0, 0.125)
-    """
-    if reduction == "sum":
-        return loss_divisor / examples
-    return loss_divisor / num_micro
+__all__ = ["GradientSource", "StepNorms", "average_over_ranks", "global_grad_sq_norm"]
 
 
 class StepNorms(NamedTuple):
@@ -89,21 +60,13 @@ class GradientSource(abc.ABC):
         world_size: number of data-parallel ranks.
         preconditioner: the elementwise :math:`P^2` of each parameter
             (:class:`~lightning_gns.sources.preconditioning.AdamPreconditioner`), or ``None`` for plain norms.
-        loss_reduction: ``"mean"`` (the loss is the mean over the micro-batch's examples) or ``"sum"``; the
-            norms are reported in the mean-loss convention either way.
     """
 
     name: str = "source"
 
-    def __init__(
-        self, world_size: int = 1, preconditioner: Preconditioner | None = None, loss_reduction: LossReduction = "mean"
-    ) -> None:
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"Expected `loss_reduction` to be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}.")
+    def __init__(self, world_size: int = 1, preconditioner: Preconditioner | None = None) -> None:
         self.world_size = world_size
         self.preconditioner = preconditioner
-        #: How each micro-batch's loss reduces over its examples; the norms are always in the mean-loss convention.
-        self.loss_reduction: LossReduction = loss_reduction
         self._model: nn.Module | None = None
 
     def attach(self, model: nn.Module) -> None:

@@ -9,14 +9,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from lightning_gns.sources.base import (
-    GradientSource,
-    LossReduction,
-    StepNorms,
-    _trainable,
-    global_grad_sq_norm,
-    mean_loss_scale,
-)
+from lightning_gns.sources.base import GradientSource, StepNorms, _trainable, global_grad_sq_norm
 from lightning_gns.sources.preconditioning import Preconditioner, weighted_sq_norm
 
 __all__ = ["DDPSource"]
@@ -55,11 +48,10 @@ class DDPSource(GradientSource):
         loss_divisor: int = 1,
         inner_hook: CommHook | None = None,
         preconditioner: Preconditioner | None = None,
-        loss_reduction: LossReduction = "mean",
     ) -> None:
         if world_size < 2:
             raise ValueError(f"The ddp source needs at least 2 ranks, got world_size={world_size}.")
-        super().__init__(world_size, preconditioner, loss_reduction)
+        super().__init__(world_size, preconditioner)
         self.loss_divisor = loss_divisor
         self.inner_hook = inner_hook
         self._params: list[nn.Parameter] = []
@@ -98,8 +90,7 @@ class DDPSource(GradientSource):
                 "The DDP communication hook saw no gradient bucket this step: is the model wrapped in "
                 "DistributedDataParallel and the hook registered?"
             )
-        # DDP averages the ranks' gradients, so `.grad` takes the same factor as the rank's own gradient.
-        correction = mean_loss_scale(self.loss_reduction, self.loss_divisor, self._num_micro, self._examples) ** 2
+        correction = (self.loss_divisor / self._num_micro) ** 2
         local = torch.stack(self._bucket_norms).sum() * correction
         if grad_scale is not None:
             local = local / grad_scale.float() ** 2

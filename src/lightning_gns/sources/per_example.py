@@ -7,14 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_gns.sources.base import (
-    GradientSource,
-    LossReduction,
-    StepNorms,
-    _trainable,
-    global_grad_sq_norm,
-    mean_loss_scale,
-)
+from lightning_gns.sources.base import GradientSource, StepNorms, _trainable, global_grad_sq_norm
 from lightning_gns.sources.per_example_norms import PerExampleGradNorms
 from lightning_gns.sources.preconditioning import Preconditioner, weighted_grad_sq_norms
 
@@ -58,10 +51,9 @@ class PerExampleSource(GradientSource):
         per_layer: bool = False,
         preconditioner: Preconditioner | None = None,
         fuse_weight_grads: bool = True,
-        loss_reduction: LossReduction = "mean",
     ) -> None:
         self._engine: PerExampleGradNorms | None = None
-        super().__init__(world_size, preconditioner, loss_reduction)
+        super().__init__(world_size, preconditioner)
         self.per_layer = per_layer
         self.layer_names: list[str] = []
         self.last_layer_norms: StepNorms | None = None
@@ -119,14 +111,12 @@ class PerExampleSource(GradientSource):
             return
         for record in self._engine.pop():
             n = record.batch_size
-            # The hooks see g_i / (N · divisor) under a mean loss, g_i / divisor under a sum.
-            per_example_scale = self.loss_divisor * (n if self.loss_reduction == "mean" else 1)
-            total = record.sq_norms.float().sum() * per_example_scale**2
+            total = record.sq_norms.float().sum() * (n * self.loss_divisor) ** 2
             self._sum_sq = total if self._sum_sq is None else self._sum_sq + total
             if self.per_layer:
                 zero = record.sq_norms.new_zeros(n)
                 layers = torch.stack([record.by_module.get(name, zero) for name in self.layer_names]).float()
-                layer_total = layers.sum(1) * per_example_scale**2
+                layer_total = layers.sum(1) * (n * self.loss_divisor) ** 2
                 self._layer_sum_sq = layer_total if self._layer_sum_sq is None else self._layer_sum_sq + layer_total
             self._examples += n
             self._num_micro += 1
@@ -144,9 +134,11 @@ class PerExampleSource(GradientSource):
         mean_sq = self._sum_sq / self._examples
         if grad_scale is not None:
             mean_sq = mean_sq / grad_scale.float() ** 2
+        big = (
+            global_grad_sq_norm(self._params, self.preconditioner).to(mean_sq.device)
+            * (self.loss_divisor / self._num_micro) ** 2
+        )
         examples = float(self._examples)
-        scale = mean_loss_scale(self.loss_reduction, self.loss_divisor, self._num_micro, examples)
-        big = global_grad_sq_norm(self._params, self.preconditioner).to(mean_sq.device) * scale**2
         if self.per_layer and self._layer_sum_sq is not None:
             self.last_layer_norms = self._layer_step_norms(grad_scale, examples)
         self._sum_sq, self._layer_sum_sq, self._examples, self._num_micro = None, None, 0, 0
@@ -165,5 +157,5 @@ class PerExampleSource(GradientSource):
             index = self._layer_index.to(small.device)[with_grad]
             sq_norms = weighted_grad_sq_norms([self._layer_params[i] for i in with_grad], self.preconditioner)
             big = big.index_add(0, index, torch.stack(sq_norms).to(small.device))
-            big = big * mean_loss_scale(self.loss_reduction, self.loss_divisor, self._num_micro, examples) ** 2
+            big = big * (self.loss_divisor / self._num_micro) ** 2
         return StepNorms(small, big, torch.ones_like(small), torch.full_like(small, examples * self.world_size))
