@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import logging
 import math
 import warnings
 
@@ -437,3 +439,116 @@ def test_a_single_nan_batch_is_quiet_and_a_recurring_run_of_them_warns_again(pro
             twice, DataLoader(dataset, batch_size=32)
         )
     assert len(_frozen_warnings(record)) == 2
+
+
+def _fit_fixed_weights_with(model_cls, net, dataset, monitor, batch_size=16, **trainer_kwargs):
+    trainer = quiet_trainer(callbacks=[monitor], **trainer_kwargs)
+    trainer.fit(model_cls(copy_net(net), lr=0.0), DataLoader(dataset, batch_size=batch_size, shuffle=True))
+
+
+class _SumReduced(Classifier):
+    """Cross-entropy summed over the batch's examples."""
+
+    def training_step(self, batch, batch_idx):
+        inputs, labels = batch
+        return nn.functional.cross_entropy(self.net(inputs), labels, reduction="sum")
+
+
+@pytest.mark.parametrize(
+    ("source", "accumulate", "batch_size"),
+    # 256 examples: the last batch of an epoch holds 16 of 24, or 6 of 10 (an uneven last micro-batch).
+    [("per_example", 1, 24), ("per_example", 2, 10), ("accumulation", 2, 10)],
+)
+def test_sum_reduced_loss_is_measured_in_the_mean_convention(problem, source, accumulate, batch_size):
+    net, dataset, truth = problem
+    runs = {}
+    for reduction, module in (("mean", Classifier), ("sum", _SumReduced)):
+        torch.manual_seed(5)  # the same batches for both
+        monitor = NoiseScaleMonitor(source=source)  # loss_reduction="auto": read off the loss's graph
+        _fit_fixed_weights_with(
+            module, net, dataset, monitor, batch_size, max_epochs=40, accumulate_grad_batches=accumulate
+        )
+        assert monitor.source.loss_reduction == reduction
+        runs[reduction] = monitor.metric.compute()
+        _assert_matches_truth(runs[reduction], truth)
+    # Step by step the same numbers, but for the mean-reduced loss's uneven last step under accumulation: its
+    # `.grad` is the plain average of two micro-batch means (10 and 6 examples), the sum's the mean over all 16.
+    rtol = 1e-4 if accumulate == 1 else 0.02
+    for key in ("trace_sigma", "grad_sq_norm", "b_simple"):
+        torch.testing.assert_close(runs["sum"][key], runs["mean"][key], rtol=rtol, atol=0, msg=key)
+
+
+def test_declared_loss_reduction_against_the_graph(problem):
+    net, dataset, _ = problem
+    # Declaring the wrong one is kept (the user may know better) but named: here the old behaviour, tr Σ off by B².
+    monitor = NoiseScaleMonitor(source="per_example", loss_reduction="mean")
+    with pytest.warns(RuntimeWarning, match=r"`loss_reduction='mean'` is declared, but .* sum .*SumBackward0|NllLoss"):
+        _fit_fixed_weights_with(_SumReduced, net, dataset, monitor, max_steps=2)
+    assert monitor.source.loss_reduction == "mean"
+    # Declared and detected agree: nothing to say.
+    monitor = NoiseScaleMonitor(source="per_example", loss_reduction="sum")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*loss_reduction.*")
+        _fit_fixed_weights_with(_SumReduced, net, dataset, monitor, max_steps=2)
+    assert monitor.source.loss_reduction == "sum"
+    with pytest.raises(MisconfigurationException, match="`loss_reduction`"):
+        NoiseScaleMonitor(loss_reduction="batchmean")
+
+
+class _Regularised(Classifier):
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 1e-3 * sum(p.square().sum() for p in self.parameters())
+
+
+def test_an_undecidable_loss_is_taken_for_a_mean_and_said_so(problem, caplog):
+    net, dataset, _ = problem
+    monitor = NoiseScaleMonitor(source="per_example")
+    with caplog.at_level(logging.INFO):
+        _fit_fixed_weights_with(_Regularised, net, dataset, monitor, max_steps=2)
+    assert monitor.source.loss_reduction == "mean"
+    assert (
+        sum("assuming a mean. Pass `NoiseScaleMonitor(loss_reduction='sum')`" in r.message for r in caplog.records) == 1
+    )
+
+
+class _SkipsEveryThirdStep(Classifier):
+    """``training_step`` runs the forward, then returns None on every third optimizer step (the first included)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if (batch_idx // self.trainer.accumulate_grad_batches) % 3 == 0 else loss
+
+
+@pytest.mark.parametrize(("source", "accumulate"), [("per_example", 1), ("accumulation", 2)])
+def test_steps_without_backward_are_skipped_and_counted(problem, tmp_path, source, accumulate):
+    """The same logged estimates as a fit on only the batches that were backpropagated."""
+    net, dataset, _ = problem
+    batch, epochs = 16, 6
+    steps = len(dataset) // (batch * accumulate)
+    kept_steps = [s for s in range(steps) if s % 3 != 0]
+    kept = torch.cat([torch.arange(s * batch * accumulate, (s + 1) * batch * accumulate) for s in kept_steps])
+    subset = torch.utils.data.TensorDataset(*(t[kept] for t in dataset.tensors))
+    logged = {}
+    for name, module, data in (("skipping", _SkipsEveryThirdStep, dataset), ("reference", Classifier, subset)):
+        # No finite-population correction: the two training sets differ in size.
+        monitor = NoiseScaleMonitor(source=source, finite_population=False)
+        trainer = quiet_trainer(
+            max_epochs=epochs,
+            callbacks=[monitor],
+            accumulate_grad_batches=accumulate,
+            logger=CSVLogger(tmp_path, name=name, version=0),
+            log_every_n_steps=1,
+        )
+        trainer.fit(module(copy_net(net), lr=0.0), DataLoader(data, batch_size=batch, shuffle=False))
+        with open(tmp_path / name / "version_0" / "metrics.csv") as file:
+            rows = [row for row in csv.DictReader(file) if row.get("gns/b_simple")]
+        logged[name] = {k: float(v) for k, v in rows[-1].items() if k.startswith("gns/")}
+    skipped = epochs * (steps - len(kept_steps))
+    assert logged["skipping"].pop("gns/num_skipped") == skipped
+    assert logged["reference"].pop("gns/num_skipped") == 0
+    # The last logged step may follow a skipped one: the staleness counts it, the estimates are the same.
+    assert logged["reference"].pop("gns/steps_since_estimate") == 0
+    assert logged["skipping"].pop("gns/steps_since_estimate") in (0, 1)
+    assert logged["skipping"]["gns/examples"] == epochs * len(kept)
+    assert logged["skipping"]["gns/batch_size"] == batch * accumulate
+    assert logged["skipping"] == pytest.approx(logged["reference"], rel=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -24,6 +26,12 @@ class _WithUnused(Classifier):
         self.unused = nn.Linear(3, 3)
 
 
+class _SumReduced(Classifier):
+    def training_step(self, batch, batch_idx):
+        inputs, labels = batch
+        return nn.functional.cross_entropy(self.net(inputs), labels, reduction="sum")
+
+
 @pytest.fixture(scope="module")
 def problem():
     torch.manual_seed(0)
@@ -34,20 +42,26 @@ def problem():
 
 
 @pytest.mark.parametrize(
-    ("source", "accumulate", "per_rank_batch", "strategy", "expected_source"),
+    ("source", "accumulate", "per_rank_batch", "strategy", "expected_source", "reduction"),
     [
-        ("auto", 1, 16, "ddp_spawn", "ddp"),
-        ("ddp", 2, 8, "ddp_spawn_find_unused_parameters_true", "ddp"),
-        ("auto", 2, 8, "ddp_spawn", "accumulation"),
+        ("auto", 1, 16, "ddp_spawn", "ddp", "mean"),
+        ("ddp", 2, 8, "ddp_spawn_find_unused_parameters_true", "ddp", "mean"),
+        ("auto", 2, 8, "ddp_spawn", "accumulation", "mean"),
+        # A sum-reduced loss, measured in the mean convention. 128 examples per rank: in batches of 10 the last
+        # step of an epoch holds one micro-batch of 8 (ddp), in batches of 6 two of 6 and 2 (accumulation).
+        ("auto", 1, 16, "ddp_spawn", "ddp", "sum"),
+        ("ddp", 2, 10, "ddp_spawn", "ddp", "sum"),
+        ("auto", 2, 6, "ddp_spawn", "accumulation", "sum"),
     ],
 )
 def test_ddp_sources_match_exact_truth_on_every_rank(
-    problem, tmp_path, source, accumulate, per_rank_batch, strategy, expected_source
+    problem, tmp_path, source, accumulate, per_rank_batch, strategy, expected_source, reduction
 ):
     net, dataset, truth = problem
     model_net = make_net()
     model_net.load_state_dict(net.state_dict())
-    model = _WithUnused(model_net) if "unused" in strategy else Classifier(model_net, lr=0.0)
+    model_cls = _SumReduced if reduction == "sum" else Classifier
+    model = _WithUnused(model_net) if "unused" in strategy else model_cls(model_net, lr=0.0)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -67,8 +81,10 @@ def test_ddp_sources_match_exact_truth_on_every_rank(
     for key, value in results[0]["smoothed"].items():
         torch.testing.assert_close(results[1]["smoothed"][key], value, equal_nan=True, msg=key)
     assert results[0]["source"] == expected_source
+    assert results[0]["loss_reduction"] == results[1]["loss_reduction"] == reduction  # "auto" read it off the graph
     out = results[0]["run"]
-    assert float(out["num_steps"]) == 40 * 256 / (2 * per_rank_batch * accumulate)
+    batches_per_epoch = math.ceil(128 / per_rank_batch)
+    assert float(out["num_steps"]) == 40 * math.ceil(batches_per_epoch / accumulate)
     assert float(out["trace_sigma"]) == pytest.approx(truth["expected_trace_sigma"], rel=0.05)
     assert float(out["grad_sq_norm"]) == pytest.approx(truth["expected_grad_sq_norm"], rel=0.05)
     expected_ratio = truth["expected_trace_sigma"] / truth["expected_grad_sq_norm"]
@@ -133,3 +149,25 @@ def test_growth_under_ddp_serves_every_example_once_on_all_ranks(tmp_path, num_w
         assert len([1 for e, *_ in ranks[0]["served"] if e == epoch]) == len(
             [1 for e, *_ in ranks[1]["served"] if e == epoch]
         )
+
+
+def test_unused_parameter_without_find_unused_parameters_surfaces_ddp_s_own_error(problem, tmp_path):
+    """The ddp source skips the step whose last bucket DDP never reduced and lets DDP name the cause."""
+    net, dataset, _ = problem
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        callbacks=[NoiseScaleMonitor(source="ddp")],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model_net = make_net()
+    model_net.load_state_dict(net.state_dict())
+    with pytest.raises(Exception, match="parameters that were not used in producing the loss") as raised:
+        trainer.fit(_WithUnused(model_net), DataLoader(dataset, batch_size=16))
+    assert "find_unused_parameters=True" in str(raised.value)
+    assert "gradient bucket" not in str(raised.value)  # not the source's own error

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -230,6 +232,39 @@ def test_no_record_without_parameter_gradients():
         with torch.no_grad():
             model(x)
     assert len(norms) == 0
+
+
+def test_a_forward_without_backward_is_forgotten_before_the_next_one():
+    # A training step that returns None runs the forward and never the backward. LayerNorm's call keeps its
+    # autograd node, whose hook keeps the call: a cycle that holds the whole graph (and its inputs) until the
+    # garbage collector runs, and leaves the calls pending.
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.LayerNorm(8), nn.Linear(8, 4)
+    )
+    x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with PerExampleGradNorms(model) as norms:
+            skipped = torch.randn(5, 3, 8, 8, requires_grad=True)
+            skipped_alive = weakref.ref(skipped)
+            model(skipped)
+            del skipped  # now only the graph of that forward holds it
+            norms.forget_pending()
+            assert skipped_alive() is None
+            assert all(not group.pending for group in norms._groups)
+            reduce_loss(cross_entropy_per_example(model(x), y), "sum").backward()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    assert len(norms) == 1
+    assert_close(norms.sq_norms(), sq_norms_by_vmap(model, cross_entropy_per_example, x, y))
+    # The parameter gradients are the batch's (the fused convolution path included), nothing of the skipped forward.
+    expected = torch.autograd.grad(
+        reduce_loss(cross_entropy_per_example(model(x), y), "sum"), list(trainable(model).values())
+    )
+    for param, grad_value in zip(trainable(model).values(), expected, strict=True):
+        torch.testing.assert_close(param.grad, grad_value, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- shared modules and tied weights

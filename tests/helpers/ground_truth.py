@@ -141,6 +141,7 @@ class SaveMonitorResults(pl.Callback):
                 "smoothed": dict(monitor.estimates),
                 "preconditioned": monitor.is_preconditioned,
                 "source": monitor.source.name,
+                "loss_reduction": monitor.source.loss_reduction,
             },
             self.directory / f"rank{trainer.global_rank}.pt",
         )

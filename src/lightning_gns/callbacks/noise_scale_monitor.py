@@ -31,11 +31,13 @@ from lightning_gns.scheduler import BatchSizeScheduler, GrowthPolicy
 from lightning_gns.sources.accumulation import AccumulationSource
 from lightning_gns.sources.base import GradientSource, StepNorms, average_over_ranks
 from lightning_gns.sources.ddp import DDPSource
+from lightning_gns.sources.loss_reduction import LossReduction, infer_loss_reduction
 from lightning_gns.sources.per_example import PerExampleSource
 from lightning_gns.sources.preconditioning import AdamPreconditioner, is_adam_family
 
 SourceName = Literal["auto", "ddp", "accumulation", "per_example"]
 _SOURCES = ("auto", "ddp", "accumulation", "per_example")
+_LOSS_REDUCTIONS = ("auto", "mean", "sum")
 
 
 # The hparams the monitor writes to every logger, read back by `lightning-gns report`.
@@ -67,8 +69,11 @@ class NoiseScaleMonitor(Callback):
     most precise pair, as precise as the best linear combination of all three), else ``ddp`` with 2+ processes,
     else ``per_example``; it says which in the log.
     Norms are read before gradient clipping, after AMP's loss scale is taken out; steps whose gradients are not
-    finite are skipped and counted. When a whole logging period of at least 10 steps was skipped (a NaN loss that
-    poisoned the weights) it warns once, until the run recovers, that the logged estimates are frozen.
+    finite, and steps without a backward pass (every ``training_step`` of the step returned ``None``), are
+    skipped and counted. When a whole logging period of at least 10 steps was skipped (a NaN loss that poisoned
+    the weights) it warns once, until the run recovers, that the logged estimates are frozen. tr Σ and |G|² are
+    those of the gradient of the *mean* loss over examples, whether the training loss is a mean or a sum
+    (``loss_reduction``).
 
     Logged every ``log_every_n_steps`` (the Trainer's by default), under ``log_key_prefix`` (default ``gns/``):
 
@@ -84,7 +89,7 @@ class NoiseScaleMonitor(Callback):
                               0.2–5× a sweep's critical batch size; see docs/batch_size_benchmark.md)
     ``batch_size``            the step's big batch (examples per optimizer step, all ranks)
     ``examples``              examples seen by the optimizer steps so far (all ranks)
-    ``num_skipped``           steps left out so far because their gradients were not finite
+    ``num_skipped``           steps left out so far: gradients not finite, or nothing to measure
     ``steps_since_estimate``  optimizer steps since the last one that carried an estimate (0 when the
                               latest did): how stale the values above are
     ``horizon_examples``      the moving average's horizon in examples
@@ -143,6 +148,11 @@ class NoiseScaleMonitor(Callback):
             AdamW, NAdam and the like, plain B_simple for other optimizers. The optimizer has no second moment
             before its first step, so with preconditioning that step is not measured (the logged statistics
             never mix the two kinds). ``True`` with an optimizer that has no ``exp_avg_sq`` raises.
+        loss_reduction: how the loss that ``training_step`` returns reduces over the micro-batch's examples:
+            ``"mean"`` (the default of every torch loss) or ``"sum"``; the logged tr Σ and |G|² are in the mean
+            convention either way. ``"auto"`` reads it off the loss's autograd graph at the first backward pass
+            (``.sum()``, ``.mean()``, a torch loss's ``reduction``, under constant factors) and assumes a mean,
+            saying so, when it cannot tell; a declared value that the graph contradicts is kept, with a warning.
 
     Raises:
         MisconfigurationException: for an unknown source or invalid option, at ``setup`` when the run cannot
@@ -179,9 +189,15 @@ class NoiseScaleMonitor(Callback):
         min_examples_between_changes: float | None = None,
         batch_size_scheduler: BatchSizeScheduler | None = None,
         preconditioned: bool | Literal["auto"] = "auto",
+        loss_reduction: LossReduction | Literal["auto"] = "auto",
     ) -> None:
         if source not in _SOURCES:
             raise MisconfigurationException(f"Expected `source` to be one of {_SOURCES}, but got {source!r}.")
+        if loss_reduction not in _LOSS_REDUCTIONS:
+            raise MisconfigurationException(
+                f"Expected `loss_reduction` to be one of {_LOSS_REDUCTIONS} (how the training loss reduces over a "
+                f"micro-batch's examples), but got {loss_reduction!r}."
+            )
         if horizon_examples is not None and not (_is_number(horizon_examples) and 0 < horizon_examples < math.inf):
             raise MisconfigurationException(
                 f"Expected `horizon_examples` to be a finite number > 0 (examples of history), or None for 100 steps' "
@@ -237,6 +253,9 @@ class NoiseScaleMonitor(Callback):
                 "drop them."
             )
         self.preconditioned = preconditioned
+        self.loss_reduction = loss_reduction
+        # Checked against the loss's graph at the first backward pass of each fit.
+        self._loss_reduction_checked = False
         # Set at fit start when the preconditioned noise scale is measured; None: plain B_simple.
         self._preconditioner: AdamPreconditioner | None = None
         self._restored_preconditioned: bool | None = None
@@ -304,6 +323,7 @@ class NoiseScaleMonitor(Callback):
         self.metric.reset()
         self._first_step_checked = False
         self._warned_frozen = False
+        self._loss_reduction_checked = False
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 "NoiseScaleMonitor supports automatic optimization only: with manual optimization the steps and "
@@ -364,8 +384,10 @@ class NoiseScaleMonitor(Callback):
         return "per_example"
 
     def _build_source(self, name: str, trainer: pl.Trainer, world: int, accumulate: int) -> GradientSource:
+        # "auto" is settled at the first backward pass, before the source uses it.
+        reduction: LossReduction = "sum" if self.loss_reduction == "sum" else "mean"
         if name == "accumulation":
-            return AccumulationSource(loss_divisor=accumulate, world_size=world)
+            return AccumulationSource(loss_divisor=accumulate, world_size=world, loss_reduction=reduction)
         if name == "per_example":
             return PerExampleSource(
                 loss_divisor=accumulate,
@@ -373,6 +395,7 @@ class NoiseScaleMonitor(Callback):
                 include=self.per_example_include,
                 per_layer=self.per_layer,
                 fuse_weight_grads=self.per_example_fuse_weight_grads,
+                loss_reduction=reduction,
             )
         strategy = trainer.strategy
         if not isinstance(strategy, DDPStrategy):
@@ -381,7 +404,7 @@ class NoiseScaleMonitor(Callback):
         inner = strategy._ddp_comm_hook
         if inner is not None and strategy._ddp_comm_wrapper is not None:
             inner = strategy._ddp_comm_wrapper(inner)
-        source = DDPSource(world_size=world, loss_divisor=accumulate, inner_hook=inner)
+        source = DDPSource(world_size=world, loss_divisor=accumulate, inner_hook=inner, loss_reduction=reduction)
         strategy._ddp_comm_hook = source.comm_hook
         strategy._ddp_comm_wrapper = None
         self._comm_hook_registered_by_lightning = strategy.root_device.type == "cuda"
@@ -511,6 +534,8 @@ class NoiseScaleMonitor(Callback):
         if self.growth is not None:
             self.growth.on_train_batch_start(trainer, self._source, batch_idx)
         self._batch_examples = _examples_in(batch, trainer.train_dataloader)
+        if self._source is not None:
+            self._source.batch_start()
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -523,6 +548,47 @@ class NoiseScaleMonitor(Callback):
     ) -> None:
         if self.growth is not None:
             self.growth.on_train_batch_end(trainer, batch_idx)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self._loss_reduction_checked or self._source is None:
+            return
+        self._loss_reduction_checked = True
+        self._source.loss_reduction = self._check_loss_reduction(trainer, loss)
+
+    def _check_loss_reduction(self, trainer: pl.Trainer, loss: Tensor) -> LossReduction:
+        """The loss reduction the source is to undo: the declared one, else the one the loss's graph shows."""
+        scale = _loss_scale(trainer)
+        # Once per fit: reading the constants of the graph (and the AMP scale) may sync with the device.
+        detected, found = infer_loss_reduction(
+            loss,
+            loss_divisor=trainer.accumulate_grad_batches,
+            num_examples=self._batch_examples or None,
+            loss_scale=1.0 if scale is None else float(scale),
+        )
+        if self.loss_reduction != "auto":
+            if detected is not None and detected != self.loss_reduction:
+                rank_zero_warn(
+                    f"NoiseScaleMonitor: `loss_reduction={self.loss_reduction!r}` is declared, but the loss's "
+                    f"autograd graph ends in a {detected} over the examples ({found.node}). The declared value is "
+                    f"used: if the loss is a {detected}, tr Σ and |G|² are off by the batch size squared. Pass "
+                    f"`loss_reduction={detected!r}` (or 'auto').",
+                    category=RuntimeWarning,
+                )
+            return self.loss_reduction
+        if detected is None:
+            rank_zero_info(
+                f"NoiseScaleMonitor: could not tell from the loss's autograd graph (it ends in {found.node}) whether "
+                "the training loss is a mean or a sum over the examples; assuming a mean. Pass "
+                "`NoiseScaleMonitor(loss_reduction='sum')` if it is a sum, or 'mean' to say so."
+            )
+            return "mean"
+        if detected == "sum":
+            rank_zero_info(
+                "NoiseScaleMonitor: the training loss is a sum over the examples (read off its graph); tr Σ and |G|² "
+                "are reported for the mean loss."
+            )
+        return detected
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -604,10 +670,12 @@ class NoiseScaleMonitor(Callback):
 
     def _fold_layers(self, norms: StepNorms) -> None:
         assert self.layer_metric is not None
-        assert self.horizon_examples is not None
         if self._layer_ema is None:
             self._layer_ema = ema_init(tuple(norms.sq_norm_big.shape), device=norms.sq_norm_big.device)
             self.layer_metric.to(norms.sq_norm_big.device)
+        if self.horizon_examples is None:  # only steps without data so far (see `_fold`): counted, no average
+            self.layer_metric.update(*norms, population_size=self.population_size)
+            return
         self._layer_ema, _ = ema_update(
             self._layer_ema,
             *norms,
@@ -620,7 +688,9 @@ class NoiseScaleMonitor(Callback):
     def _fold(self, norms: StepNorms) -> None:
         if self.horizon_examples is None:
             # Fixed once, from the first step: a batch size that grows later keeps the same history in examples.
-            self.horizon_examples = DEFAULT_HORIZON_STEPS * float(norms.batch_big)  # one host sync, once per run
+            first = float(norms.batch_big)  # one host sync, once per run (and per leading step with no data)
+            if first > 0:
+                self.horizon_examples = DEFAULT_HORIZON_STEPS * first
         device = norms.sq_norm_big.device
         if self._ema is None:
             self._ema = ema_init(dtype=torch.float32, device=device)
@@ -631,9 +701,19 @@ class NoiseScaleMonitor(Callback):
             self._steps_since_estimate = self._steps_since_estimate.to(device)
             self.metric.to(device)
         if not self._first_step_checked:
-            self._first_step_checked = True
-            self._check_first_step(norms)
+            self._first_step_checked = self._check_first_step(norms)
         usable = _estimable(norms)
+        self.metric.update(
+            usable.sq_norm_small, usable.sq_norm_big, usable.batch_small, usable.batch_big, self.population_size
+        )
+        # A step with no data (big batch 0) adds no examples and leaves the last batch size as it was.
+        last = self._last_batch_big
+        self._last_batch_big = (
+            norms.batch_big if last is None else torch.where(norms.batch_big > 0, norms.batch_big, last)
+        )
+        if self.horizon_examples is None:  # no step with data yet: this one is skipped, and there is no horizon
+            self._num_skipped = self._num_skipped + 1
+            return
         self._ema, skipped = ema_update(
             self._ema,
             usable.sq_norm_small,
@@ -644,20 +724,21 @@ class NoiseScaleMonitor(Callback):
             elapsed=norms.batch_big,
             population_size=self.population_size,
         )
-        self.metric.update(
-            usable.sq_norm_small, usable.sq_norm_big, usable.batch_small, usable.batch_big, self.population_size
-        )
-        self._last_batch_big = norms.batch_big
         self._num_skipped = self._num_skipped + skipped
         self._examples_seen = self._examples_seen + norms.batch_big
         self._steps_since_estimate = torch.where(skipped, self._steps_since_estimate + 1, 0.0)
         self._folded_since_log += 1
 
-    def _check_first_step(self, norms: StepNorms) -> None:
-        """Refuse a fit whose steps cannot carry an estimate, rather than skip every step without a word."""
+    def _check_first_step(self, norms: StepNorms) -> bool:
+        """Refuse a fit whose steps cannot carry an estimate, rather than skip every step without a word.
+
+        Returns whether the check was made: a step with no data (no backward pass) leaves it to the next one.
+        """
         small, big = torch.stack([norms.batch_small, norms.batch_big]).double().tolist()  # once per fit
+        if big == 0:
+            return False
         if big > small:
-            return
+            return True
         source = self._source.name if self._source is not None else "?"
         raise MisconfigurationException(
             f"NoiseScaleMonitor: the first optimizer step holds {big:g} example(s) in its big batch against "

@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_gns.sources.loss_reduction import LossReduction, check_loss_reduction
 from lightning_gns.sources.preconditioning import Preconditioner, weighted_grad_sq_norms
 
-__all__ = ["GradientSource", "StepNorms", "average_over_ranks", "global_grad_sq_norm"]
+__all__ = ["GradientSource", "StepNorms", "average_over_ranks", "global_grad_sq_norm", "no_data_step"]
 
 
 class StepNorms(NamedTuple):
@@ -29,6 +30,16 @@ class StepNorms(NamedTuple):
     sq_norm_big: Tensor
     batch_small: Tensor
     batch_big: Tensor
+
+
+def no_data_step(device: torch.device | str | None = None, shape: tuple[int, ...] = ()) -> StepNorms:
+    """The result of a step that had no gradient to measure (every ``training_step`` of it returned ``None``).
+
+    Its norms are NaN and its big batch 0: the monitor skips it and counts it in ``num_skipped``, and adds no
+    examples for it.
+    """
+    nan = torch.full(shape, float("nan"), device=device)
+    return StepNorms(nan, nan.clone(), torch.ones(shape, device=device), torch.zeros(shape, device=device))
 
 
 def global_grad_sq_norm(params: Iterable[nn.Parameter], preconditioner: Preconditioner | None = None) -> Tensor:
@@ -56,17 +67,29 @@ class GradientSource(abc.ABC):
     With a :attr:`preconditioner` every squared norm (small and big) is that of the preconditioned gradient,
     :math:`\sum_j P_j^2 g_j^2`; it can be set or changed between optimizer steps.
 
+    Whatever :attr:`loss_reduction` the loss has, the norms are reported in one convention: those of the gradient
+    of the *mean* loss over the examples of the batch (what tr Σ and |G|² are defined with). It can be set before
+    the first backward pass (the monitor detects it there).
+
+    A step whose micro-batches all skipped their backward pass (``training_step`` returned ``None``) gives
+    :func:`no_data_step`, never an error.
+
     Args:
         world_size: number of data-parallel ranks.
         preconditioner: the elementwise :math:`P^2` of each parameter
             (:class:`~lightning_gns.sources.preconditioning.AdamPreconditioner`), or ``None`` for plain norms.
+        loss_reduction: ``"mean"`` if each micro-batch's loss is the mean over its examples (the default of every
+            torch loss), ``"sum"`` if it is their sum; before any division by the accumulation steps.
     """
 
     name: str = "source"
 
-    def __init__(self, world_size: int = 1, preconditioner: Preconditioner | None = None) -> None:
+    def __init__(
+        self, world_size: int = 1, preconditioner: Preconditioner | None = None, loss_reduction: LossReduction = "mean"
+    ) -> None:
         self.world_size = world_size
         self.preconditioner = preconditioner
+        self.loss_reduction = check_loss_reduction(loss_reduction)
         self._model: nn.Module | None = None
 
     def attach(self, model: nn.Module) -> None:
@@ -78,6 +101,9 @@ class GradientSource(abc.ABC):
     def detach(self) -> None:
         """Stop watching and remove every hook; safe to call twice."""
         self._model = None
+
+    def batch_start(self) -> None:  # noqa: B027  # optional: most sources keep nothing from a forward pass
+        """Called before each micro-batch's forward pass; whatever an earlier forward left pending is stale now."""
 
     @abc.abstractmethod
     def micro_batch_done(self, num_examples: int) -> None:

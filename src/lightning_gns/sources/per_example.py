@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_gns.sources.base import GradientSource, StepNorms, _trainable, global_grad_sq_norm
+from lightning_gns.sources.base import GradientSource, StepNorms, _trainable, global_grad_sq_norm, no_data_step
+from lightning_gns.sources.loss_reduction import LossReduction
 from lightning_gns.sources.per_example_norms import PerExampleGradNorms
 from lightning_gns.sources.preconditioning import Preconditioner, weighted_grad_sq_norms
 
@@ -17,9 +18,11 @@ __all__ = ["PerExampleSource"]
 class PerExampleSource(GradientSource):
     r"""Per-example gradient squared norms from layer hooks against the step's accumulated gradient.
 
-    Works on one device with no accumulation, which is where most runs start. The loss is taken to be a mean over
-    the micro-batch's examples (the default of every torch loss), divided by ``loss_divisor`` for accumulation:
-    the hooks see :math:`g_i/(N \cdot \text{loss\_divisor})`, which is undone here. With ``include`` only those
+    Works on one device with no accumulation, which is where most runs start. The loss is a mean over the
+    micro-batch's N examples (the default of every torch loss) or, with ``loss_reduction="sum"``, their sum,
+    divided by ``loss_divisor`` for accumulation: the hooks see :math:`g_i/(N \cdot \text{loss\_divisor})` (or
+    :math:`g_i/\text{loss\_divisor}`), which is undone here, and the step's ``.grad`` is brought to the mean over
+    the step's examples the same way. With ``include`` only those
     module types are measured, and the big-batch norm is restricted to their parameters so that both norms
     describe the same gradient. With a ``preconditioner`` both are norms of the preconditioned gradient (the
     layer rules weight the per-example gradients entrywise without building them where a cheap exact form
@@ -38,6 +41,7 @@ class PerExampleSource(GradientSource):
             compute them again
             (:class:`~lightning_gns.sources.per_example_norms.PerExampleGradNorms`); ``False`` leaves every
             parameter gradient to autograd.
+        loss_reduction: ``"mean"`` or ``"sum"``: how each micro-batch's loss reduces over its examples.
     """
 
     name = "per_example"
@@ -51,9 +55,10 @@ class PerExampleSource(GradientSource):
         per_layer: bool = False,
         preconditioner: Preconditioner | None = None,
         fuse_weight_grads: bool = True,
+        loss_reduction: LossReduction = "mean",
     ) -> None:
         self._engine: PerExampleGradNorms | None = None
-        super().__init__(world_size, preconditioner)
+        super().__init__(world_size, preconditioner, loss_reduction)
         self.per_layer = per_layer
         self.layer_names: list[str] = []
         self.last_layer_norms: StepNorms | None = None
@@ -105,18 +110,25 @@ class PerExampleSource(GradientSource):
             self._engine = None
         super().detach()
 
+    def batch_start(self) -> None:
+        """Forget the module calls of a forward whose backward never ran (a ``training_step`` that returned None)."""
+        if self._engine is not None:
+            self._engine.forget_pending()
+
     def micro_batch_done(self, num_examples: int) -> None:
         """Fold the micro-batch's per-example norms (undoing the mean over its examples) into the step."""
         if self._engine is None:
             return
         for record in self._engine.pop():
             n = record.batch_size
-            total = record.sq_norms.float().sum() * (n * self.loss_divisor) ** 2
+            # The hooks saw g_i / (n · divisor) of a mean-reduced loss, g_i / divisor of a sum-reduced one.
+            scale = (n * self.loss_divisor if self.loss_reduction == "mean" else self.loss_divisor) ** 2
+            total = record.sq_norms.float().sum() * scale
             self._sum_sq = total if self._sum_sq is None else self._sum_sq + total
             if self.per_layer:
                 zero = record.sq_norms.new_zeros(n)
                 layers = torch.stack([record.by_module.get(name, zero) for name in self.layer_names]).float()
-                layer_total = layers.sum(1) * (n * self.loss_divisor) ** 2
+                layer_total = layers.sum(1) * scale
                 self._layer_sum_sq = layer_total if self._layer_sum_sq is None else self._layer_sum_sq + layer_total
             self._examples += n
             self._num_micro += 1
@@ -130,19 +142,29 @@ class PerExampleSource(GradientSource):
     def step_norms(self, grad_scale: Tensor | None = None) -> StepNorms:
         """Mean per-example squared norm over this rank's examples, and the batch gradient's norm."""
         if self._sum_sq is None or self._examples == 0:
-            raise RuntimeError("No per-example norms were recorded since the last optimizer step.")
+            # No backward reached a measured module since the last step (training_step returned None): skipped.
+            device = self._params[0].device if self._params else None
+            if self.per_layer:
+                self.last_layer_norms = no_data_step(device, (len(self.layer_names),))
+            self._sum_sq, self._layer_sum_sq, self._examples, self._num_micro = None, None, 0, 0
+            return no_data_step(device)
         mean_sq = self._sum_sq / self._examples
         if grad_scale is not None:
             mean_sq = mean_sq / grad_scale.float() ** 2
-        big = (
-            global_grad_sq_norm(self._params, self.preconditioner).to(mean_sq.device)
-            * (self.loss_divisor / self._num_micro) ** 2
-        )
+        big = global_grad_sq_norm(self._params, self.preconditioner).to(mean_sq.device) * self._big_correction()
         examples = float(self._examples)
         if self.per_layer and self._layer_sum_sq is not None:
             self.last_layer_norms = self._layer_step_norms(grad_scale, examples)
         self._sum_sq, self._layer_sum_sq, self._examples, self._num_micro = None, None, 0, 0
         return StepNorms(mean_sq, big, torch.ones_like(big), torch.full_like(big, examples * self.world_size))
+
+    def _big_correction(self) -> float:
+        """What turns the squared norm of the step's ``.grad`` into that of the mean gradient over its examples."""
+        # `.grad` sums the micro-batches' gradients, each divided by the divisor: num_micro means of a mean-reduced
+        # loss, the sum over all examples of a sum-reduced one (under DDP averaged over ranks of equal batches).
+        if self.loss_reduction == "sum":
+            return (self.loss_divisor / self._examples) ** 2
+        return (self.loss_divisor / self._num_micro) ** 2
 
     def _layer_step_norms(self, grad_scale: Tensor | None, examples: float) -> StepNorms:
         """Per-layer small and big norms of the step, shape ``(num_layers,)`` each."""
@@ -157,5 +179,5 @@ class PerExampleSource(GradientSource):
             index = self._layer_index.to(small.device)[with_grad]
             sq_norms = weighted_grad_sq_norms([self._layer_params[i] for i in with_grad], self.preconditioner)
             big = big.index_add(0, index, torch.stack(sq_norms).to(small.device))
-            big = big * (self.loss_divisor / self._num_micro) ** 2
+            big = big * self._big_correction()
         return StepNorms(small, big, torch.ones_like(small), torch.full_like(small, examples * self.world_size))

@@ -898,6 +898,21 @@ class PerExampleGradNorms:
         self._records = []
         self._reset_backward_state()
 
+    def forget_pending(self) -> None:
+        """Drop the module calls whose output gradient has not arrived: their forward will see no backward pass.
+
+        Call it between a forward pass and the next one when the first was never backpropagated (a training step
+        that skipped its backward). Its calls would otherwise stay pending until the garbage collector breaks the
+        reference cycle between a normalization layer's autograd node and its hook, holding the layer inputs and
+        the whole graph, and sending every later call of those modules down the slower path for modules called
+        several times per pass (measured at the end of the pass, without fused weight gradients).
+        """
+        for group in self._groups:
+            if group.pending:
+                for call in list(group.pending):
+                    _release(call)
+                group.pending.clear()
+
     def _record(self, index: int) -> SqNormRecord:
         if not self._records:
             raise RuntimeError(
