@@ -297,3 +297,59 @@ def test_fractional_val_check_interval_follows_the_epochs_examples_across_change
         for k in range(1, round(1 / interval) + 1):
             expected.append((epoch, next(c for c in cumulative if c >= k * period - 1e-9)))
     assert model.validations == expected
+
+
+def _record_planned(monitor) -> list[int]:
+    """Every batch size the growth plans (pending) or holds after each decision."""
+    growth, planned = monitor.growth, []
+    decide = growth.decide
+
+    def recording(trainer, estimates):
+        decide(trainer, estimates)
+        planned.append(growth.batch_size if growth.pending is None else growth.pending.batch_size)
+        planned.append(growth.scheduler.batch_size)
+
+    growth.decide = recording
+    return planned
+
+
+@pytest.mark.parametrize("scheduler", ["built", "given"])
+def test_growth_stops_at_what_one_epoch_of_data_can_fill(scheduler):
+    """N=128 and a noise scale asking for far more: no planned or landed batch above 128, and the LR inside
+    each step follows the linear rule at the batch the step actually held (lr × B/16, at most × 8)."""
+    n, lr = 128, 0.01
+    model = Recorder(lr=lr)
+    options = {"source": "per_example", "log_every_n_steps": 1, "max_micro_batch_size": None}
+    if scheduler == "built":  # the real b_crit policy, B_simple × 1000 asks for thousands
+        monitor = NoiseScaleMonitor(
+            grow_batch_size=True, min_examples_between_changes=0, b_crit_factor=1000.0, **options
+        )
+    else:  # a given scheduler without a bound, asking for 256 then 1024
+        script = [(16, 64), (96, 256), (400, 1024)]
+        monitor = NoiseScaleMonitor(grow_batch_size=True, batch_size_scheduler=ScriptedScheduler(16, script), **options)
+    planned = _record_planned(monitor)
+    trainer = _trainer(monitor, max_epochs=8)
+    trainer.fit(model, DataLoader(IndexedDataset(n), batch_size=16, shuffle=True))
+
+    landed = [c["batch_size"] for c in monitor.growth.changes]
+    assert landed[-1] == n
+    assert max(planned) == n
+    assert max(landed) == n
+    assert monitor.growth.batch_size == monitor.growth.scheduler.batch_size == n
+    assert monitor.growth.scheduler.max_batch_size == n
+    assert monitor.growth.current_lr_scale == 8.0
+    # No accumulation (no micro-batch cap): one batch per optimizer step, at the linear rule of the batch in force.
+    assert len(model.step_lrs) == len(model.served)
+    last_of_epoch = {epoch: max(b for e, b, _ in model.served if e == epoch) for epoch, _, _ in model.served}
+    for step, ((inside, _), (epoch, batch, index)) in enumerate(zip(model.step_lrs, model.served, strict=True)):
+        in_force = max([16] + [c["batch_size"] for c in monitor.growth.changes if c["global_step"] <= step])
+        assert inside == pytest.approx(lr * in_force / 16, rel=1e-12), f"step {step}"
+        # Each step holds the batch its LR was scaled for (an epoch's last batch may hold only what is left).
+        if batch != last_of_epoch[epoch]:
+            assert len(index) == in_force, f"step {step}"
+        assert len(index) <= in_force <= n
+    # Once at the cap: every step holds all 128 examples, at lr × 128/16 = lr × 8 (was × 16 and more).
+    final = monitor.growth.changes[-1]["global_step"]
+    assert final < len(model.served) - 3
+    assert {len(index) for _, _, index in model.served[final:]} == {n}
+    assert [inside for inside, _ in model.step_lrs[final:]] == pytest.approx([lr * 8] * (len(model.served) - final))

@@ -158,6 +158,8 @@ class BatchSizeGrowth:
         self._lr_steps = 0  # optimizer steps since the last change (warm-up progress)
         self._consumed = 0  # batches of this epoch trained on
         self._world_size = 1
+        self.data_cap = 0  # the largest effective batch one epoch of the training data can fill (set at fit start)
+        self._cap_told = False
         self._handles: list[RemovableHandle] = []
         self._saved_lrs: list[list[float]] = []
         self._optimizers: list[torch.optim.Optimizer] = []
@@ -188,6 +190,7 @@ class BatchSizeGrowth:
         self._optimizers = list(trainer.optimizers)
         self.rule = default_lr_scaling(self._optimizers) if self.lr_scaling == "auto" else self.lr_scaling
         self.sampler = _make_resizable(trainer)
+        self.data_cap = _data_cap(self.sampler)
         try:
             if self._restored is not None:
                 self._load(self._restored, trainer, horizon_examples)
@@ -197,6 +200,7 @@ class BatchSizeGrowth:
                 self.accumulate_grad_batches = trainer.accumulate_grad_batches
                 self.initial_batch_size = self.batch_size = self._effective(self.micro_batch_size)
                 self.scheduler = self._build_scheduler(horizon_examples)
+            self._cap_scheduler()
         finally:
             # Lightning made its iterator before this hook; a fresh one starts where the (restored) sampler stands
             # (and an error above still leaves the loop a loader to tear down).
@@ -221,6 +225,28 @@ class BatchSizeGrowth:
             f"policy `{self.scheduler.policy if self.scheduler else self.policy}`, learning rate scaled `{self.rule}`."
         )
 
+    def _cap_scheduler(self) -> None:
+        """Bound the scheduler (built or given) by what one epoch of the training data can fill.
+
+        A step cannot hold more examples than the data set: a larger planned batch would train at the data set's
+        size while the learning rate was scaled for the plan.
+        """
+        assert self.scheduler is not None
+        cap = max(self.data_cap, self.initial_batch_size)  # a run that starts above it cannot grow, but may run
+        if self.scheduler.max_batch_size is None or self.scheduler.max_batch_size > cap:
+            self.scheduler.max_batch_size = cap
+        if self.data_cap <= self.initial_batch_size:
+            self._tell_cap()
+
+    def _tell_cap(self) -> None:
+        if not self._cap_told:
+            self._cap_told = True
+            assert self.sampler is not None
+            rank_zero_info(
+                f"NoiseScaleMonitor: the batch size stops at {self.data_cap} examples per step, what one epoch of the "
+                f"training data ({self.sampler.dataset_size} examples over {self._world_size} ranks) can fill."
+            )
+
     def _build_scheduler(self, horizon_examples: float | None) -> BatchSizeScheduler:
         if self.scheduler is not None:
             if self.scheduler.batch_size != self.batch_size:
@@ -235,8 +261,11 @@ class BatchSizeGrowth:
                 f"`max_batch_size={self.max_batch_size}` is below the run's starting batch size "
                 f"{self.initial_batch_size} (micro-batch × accumulation × ranks). Raise it, or start smaller."
             )
+        bound = max(self.data_cap, self.initial_batch_size)
+        if self.max_batch_size is not None:
+            bound = min(bound, self.max_batch_size)
         multiple = 8 * self._world_size
-        if self.max_batch_size is not None and self.max_batch_size < multiple:
+        if bound < multiple:
             multiple = self._world_size
         if self.min_examples_between_changes is not None:
             wait = self.min_examples_between_changes
@@ -247,7 +276,7 @@ class BatchSizeGrowth:
             self.initial_batch_size,
             policy=self.policy,
             factor=self.factor,
-            max_batch_size=self.max_batch_size,
+            max_batch_size=bound,
             multiple=multiple,
             min_examples_between_changes=wait,
         )
@@ -332,11 +361,19 @@ class BatchSizeGrowth:
         vote = torch.tensor([0 if change is None else change.batch_size, self.sampler.next_batch], dtype=torch.float64)
         if self._world_size > 1:
             vote = trainer.strategy.reduce(vote.to(trainer.strategy.root_device), reduce_op="max").cpu()
-        new_batch_size, earliest = int(vote[0]), int(vote[1])
-        if new_batch_size == 0 or self.pending is not None:
+        requested, earliest = int(vote[0]), int(vote[1])
+        if requested == 0 or self.pending is not None:
             return
+        # Never above what one epoch of the data can fill (a given scheduler may ask for more than its bound).
+        cap = max(self.data_cap, self.initial_batch_size)
+        new_batch_size = min(requested, cap)
+        if requested > cap or (change is not None and new_batch_size == cap and change.target > cap):
+            self._tell_cap()
         if change is None:  # another rank decided: take its decision (keeps the schedulers in step)
             self.scheduler.accept(new_batch_size, estimates["examples"])
+        if new_batch_size == self.batch_size:  # the cap leaves nothing to change
+            self.scheduler.batch_size = self.batch_size
+            return
         micro, accumulate = split_batch_size(new_batch_size, self._world_size, self.max_micro_batch_size)
         # The change lands on a batch that starts an optimizer step under both accumulations, not drawn yet by
         # any rank's dataloader (workers prefetch).
@@ -529,6 +566,15 @@ def _make_resizable(trainer: pl.Trainer) -> ResizableBatchSampler:
     if fetcher is not None:
         fetcher.setup(combined)
     return sampler
+
+
+def _data_cap(sampler: ResizableBatchSampler) -> int:
+    """The largest effective batch one epoch can fill: the data set (all ranks), a multiple of the world size.
+
+    With ``drop_last`` that is the largest full batch; without it too (the last batch takes what is left, but the
+    effective batch size is micro-batch × accumulation × ranks).
+    """
+    return sampler.dataset_size // sampler.num_replicas * sampler.num_replicas
 
 
 def _sampling_of(loader: DataLoader, size: int) -> tuple[bool, int, int, bool]:
