@@ -119,14 +119,66 @@ def test_multihead_attention_is_captured_not_recomputed(monkeypatch):
     assert "attn" in norms.sq_norms_by_module()
 
 
-def test_fallback_refuses_to_replay_random_ops():
-    model = nn.Sequential(ScaledLinear(), nn.Dropout(0.5), ScaledLinear())
-    model[0].linear = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5), nn.Linear(3, 4))  # dropout inside the replay
-    with pytest.warns(NormRuleFallbackWarning):
-        norms = PerExampleGradNorms(model).attach()
-    with pytest.raises(RuntimeError, match="random ops in training mode"):
-        model(torch.randn(3, 4)).sum().backward()
-    norms.remove()
+class SineGate(nn.Module):
+    """``sin`` of a raw parameter has no op-level rule: the module goes to the torch.func fallback."""
+
+    def __init__(self, dropout: float = 0.0, seq_first_dropout: bool = False) -> None:
+        super().__init__()
+        self.phase = nn.Parameter(torch.randn(4))
+        self.linear = nn.Sequential(nn.Linear(4, 3), nn.Dropout(dropout), nn.Linear(3, 4))
+        self.seq_first_dropout = seq_first_dropout
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x * torch.sin(self.phase)
+        if self.seq_first_dropout:  # a random op whose batch dim is not first: its masks cannot be replayed
+            h = F.dropout(h.transpose(0, 1).contiguous(), self.dropout, self.training).transpose(0, 1)
+        return self.linear(h)
+
+
+def _sq_norms_of_one_forward(model: nn.Module, x: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+    torch.manual_seed(seed)
+    out = model(x)
+    return out, sq_norms_by_backward_per_example(out.square().flatten(1).sum(1), list(model.parameters()))
+
+
+def test_fallback_replays_the_forwards_dropout_masks():
+    model = nn.Sequential(SineGate(dropout=0.5), nn.Dropout(0.5), SineGate(dropout=0.5))
+    x = torch.randn(6, 4)
+    plain, expected = _sq_norms_of_one_forward(model, x, seed=3)
+    torch.manual_seed(3)
+    with pytest.warns(NormRuleFallbackWarning, match=r"SineGate.*`sin` takes a parameter"):  # noqa: PT031, SIM117
+        with PerExampleGradNorms(model) as norms:
+            out = model(x)
+            out.square().sum().backward()
+    torch.testing.assert_close(out, plain)  # the same masks, so the truth above is this forward's
+    assert_close(norms.sq_norms(), expected)
+
+
+def test_fallback_that_cannot_replay_its_random_ops_leaves_the_module_out_and_goes_on():
+    model = nn.Sequential(nn.Linear(4, 4), SineGate(dropout=0.5, seq_first_dropout=True))
+    x = torch.randn(3, 5, 4)
+    torch.manual_seed(0)
+    model(x).square().sum().backward()
+    plain_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with PerExampleGradNorms(model) as norms:
+            model(x).square().sum().backward()
+    messages = [str(w.message) for w in caught if issubclass(w.category, UnmeasuredParameterWarning)]
+    assert any("could not replay `1` (SineGate)" in m and "left out" in m for m in messages)
+    for param, plain in zip(model.parameters(), plain_grads, strict=True):
+        torch.testing.assert_close(param.grad, plain)  # training goes on, gradients untouched
+    record = norms.pop()[0]
+    assert set(record.by_module) == {"0", "1.linear.0", "1.linear.2"}
+    assert record.unmeasured == ("1.phase",)
+    with (
+        pytest.raises(TypeError, match=r"SineGate .*no per-example norm rule"),
+        PerExampleGradNorms(model, strict=True),
+    ):
+        model(x).square().sum().backward()
 
 
 class Attention(nn.Module):
@@ -357,14 +409,13 @@ class FunctionalHead(nn.Module):
         return F.linear(torch.relu(self.body(x)), self.proj.weight, self.proj.bias)
 
 
-def test_fallback_for_a_raw_parameter_warns_once_and_is_exact():
+def test_raw_parameter_is_measured_op_by_op_without_the_fallback():
     model = nn.Sequential(ScaledLinear(), nn.Tanh(), nn.Linear(3, 4), ScaledLinear())
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    with pytest.warns(NormRuleFallbackWarning, match=r"ScaledLinear.*register_norm_rule\(ScaledLinear\)") as record:
-        norms = PerExampleGradNorms(model).attach()
-    assert len([w for w in record if issubclass(w.category, NormRuleFallbackWarning)]) == 1
-    reduce_loss(cross_entropy_per_example(model(x), y), "mean").backward()
-    norms.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # `x * self.scale` has an op-level rule: no fallback, no warning
+        with PerExampleGradNorms(model, strict=True) as norms:
+            reduce_loss(cross_entropy_per_example(model(x), y), "mean").backward()
     assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y) / 25)
     assert set(norms.sq_norms_by_module()) == {"0", "0.linear", "2", "3", "3.linear"}
 
@@ -381,17 +432,24 @@ class Temperature(nn.Module):
         return self.linear(x) / self.log_temperature.exp()
 
 
-def test_fallback_for_a_scalar_parameter():
+def test_fallback_for_a_scalar_parameter_warns_once():
     model = Temperature()
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    with pytest.warns(NormRuleFallbackWarning, match="Temperature"):
-        norms = measure(model, x, y, "sum")
+    pattern = r"Temperature.*`exp`.*register_norm_rule\(Temperature\)"
+    with pytest.warns(NormRuleFallbackWarning, match=pattern) as rec:  # noqa: PT031, SIM117
+        with PerExampleGradNorms(model) as norms:
+            for _ in range(2):
+                reduce_loss(cross_entropy_per_example(model(x), y), "sum").backward()
+    assert len([w for w in rec if issubclass(w.category, NormRuleFallbackWarning)]) == 1
     assert_close(norms.sq_norms(), sq_norms_by_loop(model, cross_entropy_per_example, x, y))
 
 
-def test_strict_refuses_the_fallback():
-    with pytest.raises(TypeError, match=r"No per-example norm rule for ScaledLinear.*strict=True"):
-        PerExampleGradNorms(ScaledLinear(), strict=True).attach()
+def test_strict_refuses_the_fallback_at_the_first_forward():
+    model = Temperature()
+    # What a forward does is known only when it runs.
+    pattern = r"Temperature .*no per-example norm rule.*strict=True"
+    with PerExampleGradNorms(model, strict=True), pytest.raises(TypeError, match=pattern):
+        model(torch.randn(3, 4))
 
 
 def test_registered_rule_replaces_the_fallback(monkeypatch):
@@ -640,10 +698,11 @@ def _preconditioner(model: nn.Module, weights: dict[str, Tensor], leave_out: str
         TransformerBlock,  # embedding, layer norms, captured attention, sequence linears
         TiedLanguageModel,  # tied weights: per-example gradients summed, then weighted
         TwiceApplied,  # one module called twice
-        lambda: nn.Sequential(ScaledLinear(), nn.Tanh(), nn.Linear(3, 4)),  # the torch.func fallback
+        lambda: nn.Sequential(ScaledLinear(), nn.Tanh(), nn.Linear(3, 4)),  # a raw parameter, op by op
+        lambda: nn.Sequential(Temperature(), nn.Tanh(), nn.Linear(3, 4)),  # the torch.func fallback
         lambda: Attention(True, False, False, add_bias_kv=True),  # attention replayed by torch.func
     ],
-    ids=["mlp", "cnn", "transformer", "tied", "twice", "fallback", "attention_replayed"],
+    ids=["mlp", "cnn", "transformer", "tied", "twice", "op_level", "fallback", "attention_replayed"],
 )
 def test_preconditioned_norms_match_weighted_truth(make):
     model = make()

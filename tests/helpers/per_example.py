@@ -40,7 +40,7 @@ def _weighted_per_example(grads: dict[str, Tensor], weights: dict[str, Tensor] |
         squared = g.double().square()
         if weights is not None:
             squared = squared * weights[name].double()
-        value = squared.flatten(1).sum(1)
+        value = squared.reshape(squared.shape[0], -1).sum(1)
         total = value if total is None else total + value
     assert total is not None
     return total

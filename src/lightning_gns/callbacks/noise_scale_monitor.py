@@ -535,7 +535,7 @@ class NoiseScaleMonitor(Callback):
             self.growth.on_train_batch_start(trainer, self._source, batch_idx)
         self._batch_examples = _examples_in(batch, trainer.train_dataloader)
         if self._source is not None:
-            self._source.batch_start()
+            self._source.batch_start(self._batch_examples)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -102,8 +102,11 @@ class GradientSource(abc.ABC):
         """Stop watching and remove every hook; safe to call twice."""
         self._model = None
 
-    def batch_start(self) -> None:  # noqa: B027  # optional: most sources keep nothing from a forward pass
-        """Called before each micro-batch's forward pass; whatever an earlier forward left pending is stale now."""
+    def batch_start(self, num_examples: int | None = None) -> None:  # noqa: B027  # optional: most keep nothing
+        """Called before each micro-batch's forward pass (of ``num_examples`` examples, when known).
+
+        Whatever an earlier forward left pending is stale now.
+        """
 
     @abc.abstractmethod
     def micro_batch_done(self, num_examples: int) -> None:

@@ -110,10 +110,16 @@ class PerExampleSource(GradientSource):
             self._engine = None
         super().detach()
 
-    def batch_start(self) -> None:
-        """Forget the module calls of a forward whose backward never ran (a ``training_step`` that returned None)."""
+    def batch_start(self, num_examples: int | None = None) -> None:
+        """Forget the calls of a forward whose backward never ran, and tell the engine the batch size.
+
+        A ``training_step`` that returned None leaves such calls; the batch size is what a batch-free output,
+        like a position embedding's, is expanded to.
+        """
         if self._engine is not None:
             self._engine.forget_pending()
+            if num_examples is not None and num_examples > 0:
+                self._engine.batch_size = num_examples
 
     def micro_batch_done(self, num_examples: int) -> None:
         """Fold the micro-batch's per-example norms (undoing the mean over its examples) into the step."""

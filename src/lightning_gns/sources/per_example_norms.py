@@ -64,7 +64,13 @@ from lightning_gns.sources.rules.attention import (
     multihead_attention_sq_norm,
 )
 from lightning_gns.sources.rules.conv import conv_batch_grads, conv_sq_norm, conv_sq_norm_and_grads
-from lightning_gns.sources.rules.fallback import BatchLayout, batch_layout, per_example_grads, sq_norm_of_grads
+from lightning_gns.sources.rules.fallback import (
+    BatchLayout,
+    RngSnapshot,
+    batch_layout,
+    per_example_grads,
+    sq_norm_of_grads,
+)
 from lightning_gns.sources.rules.fused import BatchGrads, FusedParamGrads, GradSlot, InputGrad
 from lightning_gns.sources.rules.linear import (
     linear_batch_grads,
@@ -85,6 +91,7 @@ from lightning_gns.sources.rules.normalization import (
     layer_norm_sq_norm,
     layer_norm_sq_norm_from_stats,
 )
+from lightning_gns.sources.rules.ops import OpCall, ParamOpCapture
 from lightning_gns.sources.rules.registry import CallRule, NormRule, get_call_rule, get_norm_rule
 
 __all__ = ["NormRuleFallbackWarning", "PerExampleGradNorms", "SqNormRecord", "UnmeasuredParameterWarning"]
@@ -138,6 +145,11 @@ class _Unit:
         rule = self.rule if self.rule is not None else self.call_rule
         self.weighted = rule is None or _accepts_weights(rule)
 
+    @property
+    def op_level(self) -> bool:
+        """Whether the unit is measured op by op (its own parameters, without a module rule)."""
+        return self.rule is None and self.call_rule is None and not isinstance(self.module, _WHOLE_UNIT_TYPES)
+
 
 @dataclass(eq=False)
 class _Group:
@@ -165,6 +177,9 @@ class _Call:
         "kwargs",
         "node",
         "num_outputs",
+        "ops",
+        "outputs",
+        "rng",
         "unit",
     )
 
@@ -191,6 +206,12 @@ class _Call:
         self.grad_slot: GradSlot | None = None
         # The autograd node of the output, for rules that read what the forward saved (GroupNorm, LayerNorm).
         self.node: Any = None
+        # Set for a unit measured op by op (rules.ops): its parameter uses and their output gradients.
+        self.ops: OpCall | None = None
+        # Set for a fallback call that drew random numbers: the generator state before, and the outputs, so the
+        # replay draws the same dropout masks and is checked against what the forward returned.
+        self.rng: RngSnapshot | None = None
+        self.outputs: list[Tensor] | None = None
 
 
 class PerExampleGradNorms:
@@ -299,6 +320,10 @@ class PerExampleGradNorms:
         self._param_names: dict[int, str] = {}
         self._handles: list[RemovableHandle] = []
         self._captures: dict[int, list[MultiheadAttentionCapture | None]] = {}
+        self._op_captures: dict[int, list[ParamOpCapture | None]] = {}
+        self._warned_fallback: set[type[nn.Module]] = set()
+        self._warned_failed: set[str] = set()
+        self.batch_size: int | None = None
         self._fusing: dict[int, list[list[nn.Parameter]]] = {}
         self._grad_nodes: dict[int, Any] = {}
         self._attached = False
@@ -313,6 +338,8 @@ class PerExampleGradNorms:
         self._stash: dict[_Group, list[tuple[_Call, tuple[Tensor | None, ...]]]] = {}
         self._received: set[int] = set()
         self._fired: list[_Call] = []
+        self._started_ops: list[_Call] = []
+        self._failed: set[_Group] = set()
 
     # ------------------------------------------------------------------ attach / remove
 
@@ -355,28 +382,21 @@ class PerExampleGradNorms:
             # A tied partner of a selected module comes along: the shared parameter's gradient is their sum.
             groups = [g for g in groups if any(isinstance(u.module, self.include) for u in g.units)]
         units = [unit for group in groups for unit in group.units]
-        fallbacks: dict[type[nn.Module], str] = {}
-        for unit in units:
-            if unit.rule is None and unit.call_rule is None:
-                fallbacks.setdefault(type(unit.module), unit.name)
-        for cls, name in fallbacks.items():
-            message = (
-                f"No per-example norm rule for {cls.__name__} (first at `{name}`): its per-example gradients are "
-                "materialised by the slower torch.func fallback. Register a rule with "
-                f"`@lightning_gns.sources.rules.register_norm_rule({cls.__name__})`, or leave the type out with "
-                "`include=`."
-            )
-            if self.strict:
-                raise TypeError(message + " (`strict=True` turns this warning into an error.)")
-            warnings.warn(message, NormRuleFallbackWarning, stacklevel=2)
         self._units = units
         self._groups = groups
         self._generation += 1
         self._reset_backward_state()
         self._captures = {}
+        self._op_captures = {}
         self._fusing = {}
         self._grad_nodes = {}
+        self._handles.append(self.model.register_forward_pre_hook(self._read_batch_size, with_kwargs=True))
         for unit in units:
+            if unit.op_level:
+                self._op_captures[id(unit)] = []
+                self._handles.append(
+                    unit.module.register_forward_pre_hook(partial(self._start_ops, unit), with_kwargs=True)
+                )
             if _captures_forward(unit):
                 self._captures[id(unit)] = []
                 self._handles.append(
@@ -393,7 +413,7 @@ class PerExampleGradNorms:
                 unit.module.register_forward_hook(
                     partial(self._on_forward, unit),
                     with_kwargs=True,
-                    always_call=id(unit) in self._captures or id(unit) in self._fusing,
+                    always_call=id(unit) in self._captures or id(unit) in self._fusing or unit.op_level,
                 )
             )
         names = {id(p): name for name, p in self.model.named_parameters()}
@@ -508,6 +528,24 @@ class PerExampleGradNorms:
             capture.__enter__()
         self._captures[id(unit)].append(capture)
 
+    def _read_batch_size(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._recording():
+            first = _first_tensor(args, kwargs)
+            if first is not None and first.dim() > 0:
+                self.batch_size = int(first.shape[0])
+
+    def _start_ops(self, unit: _Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        capture = None
+        if self._recording():
+            first = _first_tensor(args, kwargs)
+            batch = self.batch_size
+            if batch is None and first is not None and first.dim() > 0:
+                batch = int(first.shape[0])
+            if batch is not None:
+                capture = ParamOpCapture(unit.params, batch, first)
+                capture.__enter__()
+        self._op_captures[id(unit)].append(capture)
+
     def _start_fusion(self, unit: _Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # Not while replaying (the fallback swaps the parameters) and not without a graph. Recomputation inside
         # backward (non-reentrant checkpointing) fuses like the forward it repeats, so both save the same tensors.
@@ -533,6 +571,12 @@ class PerExampleGradNorms:
     def _on_forward(
         self, unit: _Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
+        ops = None
+        op_stack = self._op_captures.get(id(unit))
+        if op_stack:
+            ops = op_stack.pop()
+            if ops is not None:
+                ops.__exit__(None, None, None)
         captured = None
         stack = self._captures.get(id(unit))
         if stack:
@@ -557,6 +601,17 @@ class PerExampleGradNorms:
         replaced = output if slot is not None else None
         if output is None or not self._recording():
             return replaced
+        if ops is not None:
+            if ops.unsupported is None:
+                if ops.call.records:
+                    self._add_op_call(unit, ops.call)
+                return replaced
+            self._note_fallback(unit, ops.unsupported)
+        elif slot is None and not unit.op_level:
+            expanded = self._expand_broadcast(output, args)
+            if expanded is not None:
+                output = replaced = expanded[0]
+                args = expanded[1]
         if isinstance(output, Tensor) and output.requires_grad and output._is_view():
             # A hook on a view (Linear on [N, T, K] returns one) is lost when an in-place op (ReLU(inplace=True))
             # rebases the view's history; an alias that is not a view keeps it.
@@ -596,6 +651,9 @@ class PerExampleGradNorms:
                 self._generation,
             )
         call.grad_slot = slot
+        if ops is not None and ops.rng is not None:
+            call.rng = ops.rng
+            call.outputs = [out.detach() for out in outputs]
         if unit.rule in _RULES_FROM_SAVED_STATS and _saves_tensors_plainly():
             call.node = layer_node
         assert unit.group is not None  # set by attach
@@ -616,6 +674,56 @@ class PerExampleGradNorms:
                 [outputs[i] for i in hooked], partial(self._on_output_grads, call, hooked), mode="all"
             )
         return replaced
+
+    def _expand_broadcast(self, output: Any, args: tuple[Any, ...]) -> tuple[Tensor, tuple[Any, ...]] | None:
+        """A batch-free call's output expanded to the batch, with its inputs.
+
+        ``[1, ...]`` from inputs that are all ``[1, ...]`` (Hugging Face's ``position_ids``): its gradient then
+        arrives per example.
+        """
+        batch = self.batch_size
+        if batch is None or batch < 2 or not isinstance(output, Tensor) or output.dim() == 0 or output.shape[0] != 1:
+            return None
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        if not tensors or any(a.dim() == 0 or a.shape[0] != 1 for a in tensors):
+            return None
+        expanded = tuple(
+            a.expand(batch, *a.shape[1:]) if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == 1 else a
+            for a in args
+        )
+        return output.expand(batch, *output.shape[1:]), expanded
+
+    def _add_op_call(self, unit: _Unit, ops: OpCall) -> None:
+        device_type = ops.device_type
+        autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        call = _Call(unit, (), None, 0, autocast, self._generation)
+        call.ops = ops
+        ops.on_start = partial(self._on_ops_start, call)
+        ops.on_complete = partial(self._on_ops_complete, call)
+        assert unit.group is not None  # set by attach
+        unit.group.pending.add(call)
+
+    def _on_ops_start(self, call: _Call, ops: OpCall) -> None:
+        if self._attached and call.generation == self._generation:
+            self._start_backward()
+            self._started_ops.append(call)
+
+    def _on_ops_complete(self, call: _Call, ops: OpCall) -> None:
+        self._receive(call, ())
+
+    def _note_fallback(self, unit: _Unit, reason: str) -> None:
+        cls = type(unit.module)
+        message = (
+            f"{cls.__name__} (first at `{unit.name}`) has no per-example norm rule and {reason}: its per-example "
+            "gradients are materialised by the slower torch.func fallback. Register a rule with "
+            f"`@lightning_gns.sources.rules.register_norm_rule({cls.__name__})`, or leave the type out with "
+            "`include=`."
+        )
+        if self.strict:
+            raise TypeError(message + " (`strict=True` turns this warning into an error.)")
+        if cls not in self._warned_fallback:
+            self._warned_fallback.add(cls)
+            warnings.warn(message, NormRuleFallbackWarning, stacklevel=3)
 
     def _on_output_grad(self, call: _Call, grad_output: Tensor) -> None:
         self._receive(call, (grad_output,))
@@ -664,7 +772,11 @@ class PerExampleGradNorms:
             return
         if group in self._eager:
             raise _late_call_error(group)
-        self._eager[group] = self._single_call_sq_norm(call, grads)
+        try:
+            self._eager[group] = self._single_call_sq_norm(call, grads)
+        except _MeasurementFailed as err:
+            self._fail(group, err)
+            return
         if self._pass_reaches(group.params):
             # Done with the inputs: freed now rather than at the end of the pass, autograd reuses their memory for
             # the rest of the backward pass (keeping every layer's input to the end cost a CNN ~10% of a step).
@@ -705,12 +817,21 @@ class PerExampleGradNorms:
         self._stash = {}
         self._received = set()
         self._fired = []
+        self._started_ops = []
+        self._failed = set()
 
     def _finish_backward(self) -> None:
         try:
+            for call in self._started_ops:
+                # A unit measured op by op, some of whose op outputs got no gradient in this pass.
+                if call.ops is not None and call.args is not None and not call.ops.complete:
+                    self._receive(call, ())
             contributions = dict(self._eager)
             for group, calls in self._stash.items():
-                contributions[group] = self._combined_sq_norm(group, calls)
+                try:
+                    contributions[group] = self._combined_sq_norm(group, calls)
+                except _MeasurementFailed as err:
+                    self._fail(group, err)
             received = self._received
             by_module: dict[str, Tensor] = {}
             measured: set[int] = set()
@@ -718,9 +839,12 @@ class PerExampleGradNorms:
                 if group in contributions and any(id(p) in received for p in group.params):
                     by_module[group.name] = contributions[group]
                     measured.update(id(p) for p in group.params)
-            unmeasured = tuple(sorted(self._param_names[p] for p in received - measured if p in self._param_names))
-            if unmeasured:
-                self._report_unmeasured(unmeasured)
+            failed = {id(p) for group in self._failed for p in group.params}
+            missed = received - measured
+            unmeasured = tuple(sorted(self._param_names[p] for p in missed if p in self._param_names))
+            unexplained = tuple(sorted(self._param_names[p] for p in missed - failed if p in self._param_names))
+            if unexplained:
+                self._report_unmeasured(unexplained)
             if by_module:
                 self._records.append(SqNormRecord(_total(by_module), by_module, unmeasured))
         finally:
@@ -731,6 +855,22 @@ class PerExampleGradNorms:
                 if fired_group is not None and any(id(p) in self._received for p in fired_group.params):
                     _release(call)
             self._reset_backward_state()
+
+    def _fail(self, group: _Group, err: Exception) -> None:
+        """Leave a unit that could not be measured out of this pass's record.
+
+        Its parameters are listed as unmeasured; said once, never fatal to the training step unless ``strict``.
+        """
+        if self.strict:
+            raise err
+        self._failed.add(group)
+        if group.name not in self._warned_failed:
+            self._warned_failed.add(group.name)
+            warnings.warn(
+                f"{err} Its parameters are left out of the per-example norms (the record lists them as unmeasured).",
+                UnmeasuredParameterWarning,
+                stacklevel=2,
+            )
 
     def _report_unmeasured(self, names: tuple[str, ...]) -> None:
         message = (
@@ -781,6 +921,14 @@ class PerExampleGradNorms:
     def _single_call_sq_norm(self, call: _Call, grads: tuple[Tensor | None, ...]) -> Tensor:
         unit = call.unit
         weights = self._unit_weights(unit)
+        if call.ops is not None:
+            try:
+                with torch.no_grad(), _autocast_off(call.ops.device_type):
+                    return call.ops.sq_norm(weights)
+            except Exception as err:
+                raise _MeasurementFailed(
+                    f"The op-level rule for `{unit.name}` ({type(unit.module).__name__}) failed: {err}"
+                ) from err
         rule_kwargs = {} if weights is None else {"weights": weights}
         usable = weights is None or unit.weighted
         if unit.rule is not None and usable:
@@ -834,6 +982,14 @@ class PerExampleGradNorms:
     def _replay(self, call: _Call, grads: tuple[Tensor | None, ...]) -> dict[str, Tensor]:
         unit = call.unit
         assert call.args is not None  # released only after use
+        if call.ops is not None:
+            try:
+                with torch.no_grad():
+                    return call.ops.per_example_grads()
+            except Exception as err:
+                raise _MeasurementFailed(
+                    f"The op-level rule for `{unit.name}` ({type(unit.module).__name__}) failed: {err}"
+                ) from err
         if call.captured is not None:
             grads = grads[: call.num_outputs]  # the outputs' gradients, without the captured projections
         layout: BatchLayout = batch_layout(unit.module, call.args, call.kwargs or {}, call.num_outputs)
@@ -841,13 +997,20 @@ class PerExampleGradNorms:
         self._replaying = True
         try:
             with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                return per_example_grads(unit.module, dict(unit.params), layout, grads)
+                if call.rng is None:
+                    return per_example_grads(unit.module, dict(unit.params), layout, grads)
+                # Random ops (dropout): the replay draws from the generator state the forward started from, one
+                # example's slice each, and is checked against the outputs the forward returned.
+                with call.rng.restored():
+                    return per_example_grads(
+                        unit.module, dict(unit.params), layout, grads, randomness="different", outputs=call.outputs
+                    )
         except Exception as err:
-            raise RuntimeError(
+            raise _MeasurementFailed(
                 f"The torch.func fallback could not replay `{unit.name}` ({type(unit.module).__name__}) one example "
-                f"at a time: {err} The fallback needs a forward without random ops in training mode (dropout) and "
-                f"without data-dependent Python control flow. Register a norm rule with "
-                f"`register_norm_rule({type(unit.module).__name__})`, or leave it out with `include=`."
+                f"at a time: {err} The fallback needs a forward whose random ops (dropout) draw in the same order "
+                "for one example as for the batch, and no data-dependent Python control flow. Register a norm rule "
+                f"with `register_norm_rule({type(unit.module).__name__})`, or leave it out with `include=`."
             ) from err
         finally:
             self._replaying = False
@@ -947,9 +1110,23 @@ class _NotAView(torch.autograd.Function):
         return grad
 
 
+class _MeasurementFailed(RuntimeError):
+    """A unit's per-example norms could not be taken in this backward pass."""
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return value
+    return None
+
+
 def _release(call: _Call) -> None:
     call.args = None
     call.kwargs = None
+    call.ops = None
+    call.rng = None
+    call.outputs = None
     call.captured = None
     call.grad_slot = None
     call.node = None

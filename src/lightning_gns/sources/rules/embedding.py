@@ -63,19 +63,54 @@ def embedding_sq_norm(
     """
     if not isinstance(module, nn.Embedding):
         raise TypeError(f"`embedding_sq_norm` expects an nn.Embedding, but got `{type(module).__name__}`.")
+    if not module.weight.requires_grad:
+        return grad_output.new_zeros(grad_output.shape[0], dtype=accumulation_dtype(grad_output))
+    weight = param_weight(weights, "weight", accumulation_dtype(grad_output))
+    return embedding_ids_sq_norm(
+        inputs[0], grad_output, module.num_embeddings, module.padding_idx, module.scale_grad_by_freq, weight
+    )
+
+
+def embedding_ids_sq_norm(
+    ids: Tensor,
+    grad_output: Tensor,
+    num_embeddings: int,
+    padding_idx: int | None = None,
+    scale_grad_by_freq: bool = False,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Per-example squared norm of an embedding table's gradient, from the ids and the output gradient.
+
+    The functional core of :func:`embedding_sq_norm`, for ``F.embedding`` calls as well as modules.
+
+    Args:
+        ids: ``[N, *]`` ids.
+        grad_output: ``[N, *, D]`` the gradient flowing into the looked-up rows.
+        num_embeddings: the number of rows of the table.
+        padding_idx: a row that gets no gradient (non-negative), or ``None``.
+        scale_grad_by_freq: divide each gradient by its id's count in the whole batch, as PyTorch does.
+        weight: ``[num_embeddings, D]`` elementwise weights of the squared entries, or ``None``.
+
+    Returns:
+        ``[N]`` squared norms.
+
+    Example::
+
+        >>> embedding_ids_sq_norm(torch.tensor([[1, 1], [1, 2]]), torch.ones(2, 2, 2), num_embeddings=5)
+        tensor([8., 4.])
+    """
     dtype = accumulation_dtype(grad_output)
     batch, dim = grad_output.shape[0], grad_output.shape[-1]
-    if not module.weight.requires_grad:
-        return grad_output.new_zeros(batch, dtype=dtype)
-    ids = inputs[0].reshape(batch, -1)
+    ids = ids.reshape(batch, -1)
     grad = grad_output.reshape(batch, -1, dim).to(dtype)
-    if module.padding_idx is not None:
-        grad = grad * (ids != module.padding_idx).unsqueeze(-1)
-    if module.scale_grad_by_freq:
-        counts = torch.zeros(module.num_embeddings, dtype=dtype, device=ids.device)
+    if padding_idx is not None:
+        grad = grad * (ids != padding_idx).unsqueeze(-1)
+    if scale_grad_by_freq:
+        counts = torch.zeros(num_embeddings, dtype=dtype, device=ids.device)
         counts.index_add_(0, ids.reshape(-1), torch.ones(ids.numel(), dtype=dtype, device=ids.device))
         grad = grad / counts[ids].unsqueeze(-1)
-    weight = param_weight(weights, "weight", dtype)
+    if weight is not None:
+        weight = weight.to(dtype)
     if ids.shape[1] == 1:
         squared = grad.square()
         return (squared if weight is None else squared * weight[ids]).sum((1, 2))

@@ -16,9 +16,10 @@ all examples: a shared ``[T, T]`` mask with ``T = N`` would be mistaken for a ba
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,11 +118,43 @@ def _multihead_attention_layout(
     return BatchLayout((), named, {}, kwarg_dims, (seq_dim, 0)[:num_outputs], frozenset(pre_shaped))
 
 
+@dataclass(frozen=True)
+class RngSnapshot:
+    """The random generators' state at one point of a forward, to replay its random ops (dropout masks).
+
+    Under :func:`torch.func.vmap` with ``randomness="different"``, a random op on one example's slice draws
+    the batch's numbers in one go, in the same order as the batched op: restoring the state the forward's
+    first random op started from gives the replay the forward's own masks.
+    """
+
+    cpu: Tensor
+    device: torch.device
+    device_state: Tensor | None
+
+    @classmethod
+    def take(cls, device: torch.device) -> RngSnapshot:
+        """The CPU generator's state, and that of ``device``'s generator when it is a CUDA device."""
+        state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return cls(torch.get_rng_state(), device, state)
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        """Run with the generators set to this state; their state before is put back afterwards."""
+        devices = [self.device] if self.device_state is not None else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
+            torch.set_rng_state(self.cpu)
+            if self.device_state is not None:
+                torch.cuda.set_rng_state(self.device_state, self.device)
+            yield
+
+
 def per_example_grads(
     module: nn.Module,
     params: dict[str, Tensor],
     layout: BatchLayout,
     grad_outputs: Sequence[Tensor | None],
+    randomness: str = "error",
+    outputs: Sequence[Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Per-example gradients of some of a module's parameters, by replaying its forward per example.
 
@@ -130,9 +163,16 @@ def per_example_grads(
         params: the parameters to differentiate, by their name relative to ``module``.
         layout: the call's arguments and batch dims, from :func:`batch_layout`.
         grad_outputs: the gradient that flowed into each output tensor (``None`` where none did).
+        randomness: :func:`torch.func.vmap`'s treatment of random ops: ``"error"``, or ``"different"`` to
+            replay them (with the generators set to the state the forward drew from, see :class:`RngSnapshot`).
+        outputs: the output tensors the forward returned (batch dim 0), to check the replay against: a replay
+            that computes other outputs (other dropout masks) raises instead of giving wrong gradients.
 
     Returns:
         ``{name: Tensor[N, *param.shape]}``.
+
+    Raises:
+        RuntimeError: if the replayed outputs differ from ``outputs``.
 
     Example::
 
@@ -152,12 +192,12 @@ def per_example_grads(
     wanted = {name: value.detach() for name, value in params.items()}
     batched_args = {str(i): layout.args[i] for i in layout.arg_dims}
     batched_kwargs = {name: layout.kwargs[name] for name in layout.kwarg_dims}
-    outputs = {i: g for i, g in enumerate(grad_outputs) if g is not None}
-    output_dims = {i: layout.output_dims[i] for i in outputs}
+    given = {i: g for i, g in enumerate(grad_outputs) if g is not None}
+    output_dims = {i: layout.output_dims[i] for i in given}
 
     def example_dot(
         weights: dict[str, Tensor], args_i: dict[str, Tensor], kwargs_i: dict[str, Tensor], grads_i: dict[int, Tensor]
-    ) -> Tensor:
+    ) -> tuple[Tensor, list[Tensor]]:
         args = list(layout.args)
         for key, value in args_i.items():
             args[int(key)] = value.unsqueeze(layout.arg_dims[int(key)])
@@ -169,16 +209,31 @@ def per_example_grads(
         total = torch.zeros((), dtype=torch.float32, device=leaves[0].device)
         for index, grad_i in grads_i.items():
             total = total + (leaves[index].float() * grad_i.unsqueeze(output_dims[index]).float()).sum()
-        return total
+        return total, [leaf.detach() for leaf in leaves]
 
     in_dims = (None, {k: layout.arg_dims[int(k)] for k in batched_args}, dict(layout.kwarg_dims), output_dims)
-    per_example = vmap(grad(example_dot), in_dims=in_dims, randomness="error")
+    per_example = vmap(grad(example_dot, has_aux=True), in_dims=in_dims, randomness=randomness)
     with warnings.catch_warnings():
         # vmap loops over ops it has no batching rule for (e.g. CPU flash attention) and says so on every
         # call; the fallback's cost is already announced once per module type.
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
-        grads: dict[str, Tensor] = per_example(wanted, batched_args, batched_kwargs, outputs)
+        grads, replayed = per_example(wanted, batched_args, batched_kwargs, given)
+    if outputs is not None:
+        _check_replay(replayed, outputs, layout.output_dims)
     return grads
+
+
+def _check_replay(replayed: Sequence[Tensor], outputs: Sequence[Tensor], output_dims: Sequence[int]) -> None:
+    for index, (again, original) in enumerate(zip(replayed, outputs, strict=False)):
+        if output_dims[index] != 0:
+            continue
+        again = again.reshape(original.shape).to(original.dtype)
+        scale = original.abs().max().item() if original.numel() else 0.0
+        if not torch.allclose(again, original, rtol=1e-3, atol=1e-3 * scale + 1e-12):
+            raise RuntimeError(
+                "its replay computed other outputs than the forward (its random ops drew other numbers, e.g. "
+                "dropout on a layout whose batch dim is not first)."
+            )
 
 
 def sq_norm_of_grads(grads: dict[str, Tensor], weights: Mapping[str, Tensor] | None = None) -> Tensor:

@@ -1,0 +1,184 @@
+"""Op-level norm rules and batch-free outputs, against exact per-example gradients (torch.func, float64)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from lightning_gns.sources.per_example_norms import PerExampleGradNorms
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 projection: ``addmm`` on the flattened rows, weight stored [in, out]."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+class OffsetRMSNorm(nn.Module):
+    """A litgpt/Gemma-style RMSNorm: the weight enters as ``1 + w``, cast to float."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x * (1 + self.weight.float()).to(x.dtype)
+
+
+class LayerScale(nn.Module):
+    """timm's layer scale, in place, around a child with its own rule."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.randn(dim))
+        self.linear = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.linear(x).mul_(self.gamma)
+
+
+class TokensAndPositions(nn.Module):
+    """A ViT-style embedding: a class token expanded to the batch and learned positions added by broadcast."""
+
+    def __init__(self, dim: int, steps: int) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.positions = nn.Parameter(torch.randn(1, steps + 1, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.positions
+
+
+class FunctionalNorms(nn.Module):
+    """``F.layer_norm`` and ``F.rms_norm`` with the module's own affine parameters, and an ``F.linear`` head."""
+
+    def __init__(self, dim: int, out: int) -> None:
+        super().__init__()
+        self.ln_weight = nn.Parameter(torch.randn(dim))
+        self.ln_bias = nn.Parameter(torch.randn(dim))
+        self.rms_weight = nn.Parameter(torch.randn(dim))
+        self.head = nn.Parameter(torch.randn(out, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.layer_norm(x, (x.shape[-1],), self.ln_weight, self.ln_bias)
+        x = F.rms_norm(x, (x.shape[-1],), self.rms_weight)
+        return F.linear(x, self.head)
+
+
+class Stack(nn.Module):
+    def __init__(self, dim: int = 6, steps: int = 5) -> None:
+        super().__init__()
+        self.embed = TokensAndPositions(dim, steps)
+        self.proj = Conv1D(dim, dim)
+        self.norm = OffsetRMSNorm(dim)
+        self.scale = LayerScale(dim)
+        self.out = FunctionalNorms(dim, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.scale(self.norm(torch.tanh(self.proj(self.embed(x))))))
+
+
+def exact_sq_norms(model: nn.Module, x: Tensor) -> Tensor:
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p: dict[str, Tensor], x_i: Tensor) -> Tensor:
+        return functional_call(model, p, (x_i.unsqueeze(0),)).square().sum()
+
+    grads = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    return sum(g.reshape(g.shape[0], -1).square().sum(1) for g in grads.values())
+
+
+def test_modules_without_rules_are_exact_op_by_op_and_leave_grads_alone():
+    torch.manual_seed(0)
+    model = Stack().double()
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    model(x).square().sum().backward()
+    plain = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback, no unmeasured parameter
+        with PerExampleGradNorms(model, strict=True) as norms:
+            model(x).square().sum().backward()
+    torch.testing.assert_close(norms.sq_norms(), exact_sq_norms(model, x), rtol=1e-6, atol=0)
+    assert set(norms.sq_norms_by_module()) == {"embed", "proj", "norm", "scale", "scale.linear", "out"}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[name], rtol=1e-6, atol=1e-9)
+
+
+def test_op_level_norms_are_weighted_by_a_preconditioner():
+    torch.manual_seed(1)
+    model = Stack().double()
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    weights = {id(p): torch.rand_like(p) + 0.1 for p in model.parameters()}
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p: dict[str, Tensor], x_i: Tensor) -> Tensor:
+        return functional_call(model, p, (x_i.unsqueeze(0),)).square().sum()
+
+    grads = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    by_name = dict(model.named_parameters())
+    expected = sum(
+        (g.square() * weights[id(by_name[name])]).reshape(g.shape[0], -1).sum(1) for name, g in grads.items()
+    )
+    with PerExampleGradNorms(model, preconditioner=lambda p: weights[id(p)]) as norms:
+        model(x).square().sum().backward()
+    torch.testing.assert_close(norms.sq_norms(), expected, rtol=1e-6, atol=0)
+
+
+class PositionEmbeddingLM(nn.Module):
+    """Positions looked up from ``arange(T)[None]``, a [1, T] batch-free input, as Hugging Face models do."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6, steps: int = 5) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(steps, dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        return self.head(torch.tanh(self.tokens(ids) + self.positions(positions)))
+
+
+@pytest.mark.parametrize("told", [False, True], ids=["read_from_the_input", "set_by_the_caller"])
+def test_a_batch_free_position_embedding_is_measured_per_example(told):
+    torch.manual_seed(2)
+    model = PositionEmbeddingLM().double()
+    ids = torch.randint(0, 11, (4, 5))
+    with PerExampleGradNorms(model) as norms:
+        if told:
+            norms.batch_size = 4
+            out = model.head(torch.tanh(model.tokens(ids) + model.positions(torch.arange(5)[None])))
+        else:
+            out = model(ids)
+        out.square().sum().backward()
+    torch.testing.assert_close(norms.sq_norms(), exact_sq_norms(model, ids), rtol=1e-6, atol=0)
+
+
+def test_a_parameter_of_unknown_use_falls_back_and_stays_exact():
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.phase = nn.Parameter(torch.randn(6))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x * torch.cos(self.phase)
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 6), Odd(), nn.Linear(6, 2)).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"Odd .*`cos` takes a parameter"), PerExampleGradNorms(model) as norms:
+        model(x).square().sum().backward()
+    torch.testing.assert_close(norms.sq_norms(), exact_sq_norms(model, x), rtol=1e-6, atol=0)
