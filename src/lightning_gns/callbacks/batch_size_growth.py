@@ -29,13 +29,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gns import tags
+from lightning_gns._compat.lightning import (
+    replace_train_dataloaders,
+    restart_train_fetcher,
+    set_train_fetcher_length,
+    train_dataloaders,
+    validates_by_time,
+)
 from lightning_gns.sampler import ResizableBatchSampler, split_batch_size
 from lightning_gns.scheduler import BatchSizeChange, BatchSizeScheduler, GrowthPolicy
 from lightning_gns.sources.base import GradientSource
 from lightning_gns.sources.preconditioning import is_adam_family
 
 #: Steps' worth of examples (at the first step's batch size) that the moving average remembers by default.
-DEFAULT_HORIZON_STEPS = 100
+DEFAULT_HORIZON_STEPS = tags.DEFAULT_HORIZON_STEPS
 
 LRScaling = Literal["auto", "linear", "sqrt", "none"]
 _LR_SCALINGS = ("auto", "linear", "sqrt", "none")
@@ -204,9 +212,7 @@ class BatchSizeGrowth:
         finally:
             # Lightning made its iterator before this hook; a fresh one starts where the (restored) sampler stands
             # (and an error above still leaves the loop a loader to tear down).
-            fetcher = trainer.fit_loop._data_fetcher
-            if fetcher is not None:
-                iter(fetcher)
+            restart_train_fetcher(trainer)
         trainer.accumulate_grad_batches = self.accumulate_grad_batches
         if source is not None:
             source.loss_divisor = self.accumulate_grad_batches  # type: ignore[attr-defined]
@@ -335,7 +341,7 @@ class BatchSizeGrowth:
         if (
             self.sampler is None
             or not isinstance(interval, float)
-            or getattr(trainer, "_val_check_time_interval", None) is not None
+            or validates_by_time(trainer)
             or trainer.check_val_every_n_epoch is None
         ):
             return
@@ -400,16 +406,12 @@ class BatchSizeGrowth:
         """Tell Lightning's loops how many batches this epoch now has (it caches the dataloader's length)."""
         assert self.sampler is not None
         length = len(self.sampler)
-        fit_loop = trainer.fit_loop
-        fit_loop.max_batches = length
-        fetcher = fit_loop._data_fetcher
-        if fetcher is not None and fetcher.length is not None:
-            fetcher.length = length
-            fetcher.done = fetcher.fetched >= length
+        trainer.fit_loop.max_batches = length
+        set_train_fetcher_length(trainer, length)
         # Validation "every fraction of an epoch" was turned into batches from the starting length (as Lightning's
         # `FitLoop.setup_data` does); an epoch-end validation would otherwise never come.
         interval = trainer.val_check_interval
-        if isinstance(interval, float) and getattr(trainer, "_val_check_time_interval", None) is None:
+        if isinstance(interval, float) and not validates_by_time(trainer):
             trainer.val_check_batch = max(1, int(length * interval))
 
     # -- the learning rate ------------------------------------------------------------------------------------------
@@ -446,12 +448,12 @@ class BatchSizeGrowth:
             if not self._saved_lrs:
                 lr *= self.current_lr_scale
         return {
-            "lr": lr,
-            "lr_scale": self.current_lr_scale,
-            "accumulate_grad_batches": float(self.accumulate_grad_batches),
-            "micro_batch_size": float(self.micro_batch_size),
-            "batch_size_target": float(self.batch_size if self.pending is None else self.pending.batch_size),
-            "batch_size_changes": float(len(self.changes)),
+            tags.LR: lr,
+            tags.LR_SCALE: self.current_lr_scale,
+            tags.ACCUMULATE_GRAD_BATCHES: float(self.accumulate_grad_batches),
+            tags.MICRO_BATCH_SIZE: float(self.micro_batch_size),
+            tags.BATCH_SIZE_TARGET: float(self.batch_size if self.pending is None else self.pending.batch_size),
+            tags.BATCH_SIZE_CHANGES: float(len(self.changes)),
         }
 
     # -- end and checkpointing --------------------------------------------------------------------------------------
@@ -513,15 +515,13 @@ _RESIZABLE_HELP = (
 
 def _make_resizable(trainer: pl.Trainer) -> ResizableBatchSampler:
     """Swap the fit loop's training dataloader for an equivalent one with a :class:`ResizableBatchSampler`."""
-    fit_loop = trainer.fit_loop
-    combined = fit_loop._combined_loader
-    if combined is None or len(combined.flattened) != 1:
-        count = 0 if combined is None else len(combined.flattened)
+    loaders = train_dataloaders(trainer)
+    if len(loaders) != 1:
         raise MisconfigurationException(
-            f"grow_batch_size=True needs exactly one training dataloader, but the run has {count}. Combine your data "
-            "into one data set."
+            f"grow_batch_size=True needs exactly one training dataloader, but the run has {len(loaders)}. Combine "
+            "your data into one data set."
         )
-    loader = combined.flattened[0]
+    loader = loaders[0]
     if type(loader) is not DataLoader:
         raise MisconfigurationException(
             f"grow_batch_size=True cannot resize a {type(loader).__name__}: it needs a torch DataLoader. "
@@ -559,12 +559,7 @@ def _make_resizable(trainer: pl.Trainer) -> ResizableBatchSampler:
         kwargs["prefetch_factor"] = loader.prefetch_factor
     resizable = DataLoader(dataset, batch_sampler=sampler, **kwargs)
     # The iterator Lightning made before this hook (workers included) is shut down and replaced.
-    combined.reset()
-    combined.flattened = [resizable]
-    combined.limits = None
-    fetcher = fit_loop._data_fetcher
-    if fetcher is not None:
-        fetcher.setup(combined)
+    replace_train_dataloaders(trainer, [resizable])
     return sampler
 
 

@@ -21,8 +21,11 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_gns import tags
+from lightning_gns._compat.amp import grad_scaler_scale
 from lightning_gns._compat.dynamo import compiled_parts
-from lightning_gns.callbacks.batch_size_growth import DEFAULT_HORIZON_STEPS, BatchSizeGrowth, LRScaling
+from lightning_gns._compat.lightning import batches_that_stepped, ddp_comm_state, replace_ddp_comm_hook
+from lightning_gns.callbacks.batch_size_growth import BatchSizeGrowth, LRScaling
 from lightning_gns.functional.noise_scale import _check_confidence
 from lightning_gns.functional.smoothing import NoiseScaleEMA, ema_compute, ema_init, ema_update
 from lightning_gns.metric import GradientNoiseScale
@@ -40,9 +43,9 @@ _SOURCES = ("auto", "ddp", "accumulation", "per_example")
 _LOSS_REDUCTIONS = ("auto", "mean", "sum")
 
 
-# The hparams the monitor writes to every logger, read back by `lightning-gns report`.
-SOURCE_HPARAM = "gns_source"
-LR_SCALING_HPARAM = "lr_scaling"
+# The hparams the monitor writes to every logger, read back by `lightning-gns report` (names in `tags`).
+SOURCE_HPARAM = tags.SOURCE_HPARAM
+LR_SCALING_HPARAM = tags.LR_SCALING_HPARAM
 
 # Consecutive skipped steps (a whole logging period of them) after which the frozen estimates are warned about:
 # an AMP overflow now and then is routine and stays quiet.
@@ -173,7 +176,7 @@ class NoiseScaleMonitor(Callback):
         horizon_examples: float | None = None,
         confidence: float = 0.9,
         log_every_n_steps: int | None = None,
-        log_key_prefix: str = "gns/",
+        log_key_prefix: str = tags.DEFAULT_PREFIX,
         prog_bar: bool = False,
         b_crit_factor: float = 1.0,
         per_example_include: tuple[type[torch.nn.Module], ...] | None = None,
@@ -400,13 +403,9 @@ class NoiseScaleMonitor(Callback):
         strategy = trainer.strategy
         if not isinstance(strategy, DDPStrategy):
             raise MisconfigurationException("source='ddp' needs a DDP strategy: `Trainer(strategy='ddp', ...)`.")
-        # Lightning registers `_ddp_comm_hook` itself on CUDA only; compose with what the user set there.
-        inner = strategy._ddp_comm_hook
-        if inner is not None and strategy._ddp_comm_wrapper is not None:
-            inner = strategy._ddp_comm_wrapper(inner)
-        source = DDPSource(world_size=world, loss_divisor=accumulate, inner_hook=inner, loss_reduction=reduction)
-        strategy._ddp_comm_hook = source.comm_hook
-        strategy._ddp_comm_wrapper = None
+        # Lightning registers the strategy's comm hook itself on CUDA only; compose with what the user set there.
+        source = DDPSource(world_size=world, loss_divisor=accumulate, loss_reduction=reduction)
+        source.inner_hook = replace_ddp_comm_hook(strategy, source.comm_hook)
         self._comm_hook_registered_by_lightning = strategy.root_device.type == "cuda"
         return source
 
@@ -459,7 +458,7 @@ class NoiseScaleMonitor(Callback):
             if not self._comm_hook_registered_by_lightning and isinstance(strategy, DDPStrategy):
                 ddp_model = strategy.model
                 assert isinstance(ddp_model, DistributedDataParallel)  # DDPStrategy.setup wrapped it
-                ddp_model.register_comm_hook(strategy._ddp_comm_state, self._source.comm_hook)
+                ddp_model.register_comm_hook(ddp_comm_state(strategy), self._source.comm_hook)
         if self.growth is not None:
             self._check_micro_batch_cap(trainer)
             self.growth.on_train_start(trainer, self._source, self.horizon_examples)
@@ -476,7 +475,7 @@ class NoiseScaleMonitor(Callback):
         described: dict[str, Any] = {SOURCE_HPARAM: self._source.name if self._source is not None else "none"}
         if self.growth is not None:
             described[LR_SCALING_HPARAM] = self.growth.rule
-            described["growth_policy"] = self.growth.scheduler.policy if self.growth.scheduler else "none"
+            described[tags.GROWTH_POLICY_HPARAM] = self.growth.scheduler.policy if self.growth.scheduler else "none"
         for logger in trainer.loggers:
             logger.log_hyperparams(described)
             if isinstance(logger, TensorBoardLogger):
@@ -500,18 +499,18 @@ class NoiseScaleMonitor(Callback):
             )
 
     def _tensorboard_layout(self) -> dict[str, dict[str, list[Any]]]:
-        key = self.log_key_prefix
+        def keys(*names: str) -> list[str]:
+            return [f"{self.log_key_prefix}{name}" for name in names]
+
         charts: dict[str, list[Any]] = {
-            "B_simple (with its band)": ["Margin", [f"{key}b_simple", f"{key}b_simple_lower", f"{key}b_simple_upper"]],
-            "B_crit suggestion and batch size": ["Multiline", [f"{key}b_crit", f"{key}batch_size"]],
-            "|G|² and tr(Σ)": ["Multiline", [f"{key}grad_sq_norm", f"{key}trace_sigma"]],
+            "B_simple (with its band)": ["Margin", keys(tags.B_SIMPLE, tags.B_SIMPLE_LOWER, tags.B_SIMPLE_UPPER)],
+            "B_crit suggestion and batch size": ["Multiline", keys(tags.B_CRIT, tags.BATCH_SIZE)],
+            "|G|² and tr(Σ)": ["Multiline", keys(tags.GRAD_SQ_NORM, tags.TRACE_SIGMA)],
         }
         if self.growth is not None:
-            charts["batch-size growth: sizes"] = [
-                "Multiline",
-                [f"{key}batch_size", f"{key}batch_size_target", f"{key}micro_batch_size"],
-            ]
-            charts["batch-size growth: learning rate"] = ["Multiline", [f"{key}lr", f"{key}lr_scale"]]
+            sizes = keys(tags.BATCH_SIZE, tags.BATCH_SIZE_TARGET, tags.MICRO_BATCH_SIZE)
+            charts["batch-size growth: sizes"] = ["Multiline", sizes]
+            charts["batch-size growth: learning rate"] = ["Multiline", keys(tags.LR, tags.LR_SCALE)]
         return {"gradient noise scale": charts}
 
     @override
@@ -690,7 +689,7 @@ class NoiseScaleMonitor(Callback):
             # Fixed once, from the first step: a batch size that grows later keeps the same history in examples.
             first = float(norms.batch_big)  # one host sync, once per run (and per leading step with no data)
             if first > 0:
-                self.horizon_examples = DEFAULT_HORIZON_STEPS * first
+                self.horizon_examples = tags.DEFAULT_HORIZON_STEPS * first
         device = norms.sq_norm_big.device
         if self._ema is None:
             self._ema = ema_init(dtype=torch.float32, device=device)
@@ -754,39 +753,28 @@ class NoiseScaleMonitor(Callback):
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         estimates = self.estimates
-        keys = (
-            "b_simple",
-            "b_simple_lower",
-            "b_simple_upper",
-            "b_simple_std",
-            "trace_sigma",
-            "grad_sq_norm",
-            "b_crit",
-            "batch_size",
-            "examples",
-        )
+        keys = tags.ESTIMATES
         # The only host sync of the monitor, once per logging period.
         counts = [self._num_skipped.double(), self._steps_since_estimate.to(self._num_skipped).double()]
         values = torch.stack([estimates[k].double() for k in keys] + counts).tolist()
-        names = (*keys, "num_skipped", "steps_since_estimate")
+        names = (*keys, *tags.COUNTS)
         metrics = {f"{self.log_key_prefix}{k}": v for k, v in zip(names, values, strict=True)}
         self._warn_if_frozen(values[-1])
         if self.horizon_examples is not None:
-            metrics[f"{self.log_key_prefix}horizon_examples"] = float(self.horizon_examples)
-        metrics[f"{self.log_key_prefix}preconditioned"] = float(self.is_preconditioned)
+            metrics[f"{self.log_key_prefix}{tags.HORIZON_EXAMPLES}"] = float(self.horizon_examples)
+        metrics[f"{self.log_key_prefix}{tags.PRECONDITIONED}"] = float(self.is_preconditioned)
         if self._layer_ema is not None and isinstance(self._source, PerExampleSource):
             layer_b_simple = ema_compute(self._layer_ema, self.confidence)["b_simple"].tolist()
             for name, value in zip(self._source.layer_names, layer_b_simple, strict=True):
-                metrics[f"{self.log_key_prefix}layer/{name}/b_simple"] = value
+                metrics[f"{self.log_key_prefix}{tags.layer_b_simple(name)}"] = value
         if self.growth is not None:
             metrics.update({f"{self.log_key_prefix}{k}": v for k, v in self.growth.logged().items()})
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = batches_that_stepped(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         if self.prog_bar:
-            pl_module.log(
-                f"{self.log_key_prefix}b_simple", metrics[f"{self.log_key_prefix}b_simple"], prog_bar=True, logger=False
-            )
+            key = f"{self.log_key_prefix}{tags.B_SIMPLE}"
+            pl_module.log(key, metrics[key], prog_bar=True, logger=False)
         if self.growth is not None:
             # Every rank is here (logging steps are shared), as the decision's collective needs.
             self.growth.decide(trainer, {k: metrics[f"{self.log_key_prefix}{k}"] for k in keys})
@@ -819,7 +807,7 @@ class NoiseScaleMonitor(Callback):
         return {
             "horizon_examples": self.horizon_examples,
             "ema": None if self._ema is None else {k: v.detach().cpu() for k, v in self._ema._asdict().items()},
-            "metric": {name: getattr(self.metric, name).detach().cpu() for name in self.metric._defaults},
+            "metric": {name: getattr(self.metric, name).detach().cpu() for name in self.metric._state_names()},
             "num_skipped": self._num_skipped.detach().cpu(),
             "steps_since_estimate": self._steps_since_estimate.detach().cpu(),
             "examples_seen": self._examples_seen.detach().cpu(),
@@ -829,7 +817,7 @@ class NoiseScaleMonitor(Callback):
             else {k: v.detach().cpu() for k, v in self._layer_ema._asdict().items()},
             "layer_metric": None
             if self.layer_metric is None
-            else {name: getattr(self.layer_metric, name).detach().cpu() for name in self.layer_metric._defaults},
+            else {name: getattr(self.layer_metric, name).detach().cpu() for name in self.layer_metric._state_names()},
             "growth": None if self.growth is None else self.growth.state_dict(),
         }
 
@@ -992,8 +980,4 @@ def _training_set_size(trainer: pl.Trainer) -> int | None:
 
 def _loss_scale(trainer: pl.Trainer) -> Tensor | None:
     """The GradScaler's current scale as a tensor (no sync), or None when gradients are not scaled."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return None
-    # `_scale` is the tensor behind `get_scale()`, which would sync with the host.
-    return scaler._scale
+    return grad_scaler_scale(getattr(trainer.precision_plugin, "scaler", None))
