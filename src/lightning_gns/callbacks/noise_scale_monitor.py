@@ -25,11 +25,11 @@ from lightning_gns import tags
 from lightning_gns._compat.amp import grad_scaler_scale
 from lightning_gns._compat.dynamo import compiled_parts
 from lightning_gns._compat.lightning import batches_that_stepped, ddp_comm_state, replace_ddp_comm_hook
-from lightning_gns.callbacks.batch_size_growth import BatchSizeGrowth, LRScaling
+from lightning_gns.callbacks.batch_size_growth import BatchSizeGrowth, LRScaling, check_growth_options
+from lightning_gns.callbacks.estimates import EstimatesFollower
 from lightning_gns.functional.noise_scale import _check_confidence
 from lightning_gns.functional.smoothing import NoiseScaleEMA, ema_compute, ema_init, ema_update
 from lightning_gns.metric import GradientNoiseScale
-from lightning_gns.scheduler import _POLICIES as _GROWTH_POLICIES
 from lightning_gns.scheduler import BatchSizeScheduler, GrowthPolicy
 from lightning_gns.sources.accumulation import AccumulationSource
 from lightning_gns.sources.base import GradientSource, StepNorms, average_over_ranks
@@ -215,7 +215,7 @@ class NoiseScaleMonitor(Callback):
             raise MisconfigurationException(
                 f"Expected `b_crit_factor` to be a finite number > 0, got {b_crit_factor!r}."
             )
-        _check_growth_options(
+        check_growth_options(
             grow_batch_size, growth_policy, max_batch_size, max_micro_batch_size, min_examples_between_changes
         )
         if preconditioned not in (True, False, "auto"):
@@ -238,18 +238,25 @@ class NoiseScaleMonitor(Callback):
         self.finite_population = finite_population
         self.per_layer = per_layer
         self.grow_batch_size = grow_batch_size
+        # Callbacks that act on the estimates (batch-size growth): asked for their logged values at logging steps.
+        self._followers: list[EstimatesFollower] = []
         self.growth: BatchSizeGrowth | None = None
+        # The growth this monitor built (`grow_batch_size=True`): it joins the Trainer's callbacks at setup, and
+        # its state is checkpointed inside the monitor's, as before it was a callback of its own.
+        self._owned_growth: BatchSizeGrowth | None = None
         if grow_batch_size:
-            self.growth = BatchSizeGrowth(
-                batch_size_scheduler,
-                policy=growth_policy,
-                factor=b_crit_factor,
+            self._owned_growth = self.growth = BatchSizeGrowth(
                 max_batch_size=max_batch_size,
                 max_micro_batch_size=max_micro_batch_size,
+                growth_policy=growth_policy,
                 lr_scaling=lr_scaling,
                 lr_warmup_steps=lr_warmup_steps,
                 min_examples_between_changes=min_examples_between_changes,
+                batch_size_scheduler=batch_size_scheduler,
+                b_crit_factor=b_crit_factor,
+                monitor=self,
             )
+            self._owned_growth._owned_by_monitor = True
         elif batch_size_scheduler is not None or max_batch_size is not None:
             raise MisconfigurationException(
                 "`batch_size_scheduler` and `max_batch_size` act only with `grow_batch_size=True`: turn it on, or "
@@ -298,6 +305,16 @@ class NoiseScaleMonitor(Callback):
         """The gradient source in use (resolved at ``setup``)."""
         return self._source
 
+    def follow(self, follower: EstimatesFollower) -> None:
+        """Have ``follower`` log with the monitor and see its estimates at every logging step (once per follower).
+
+        A :class:`~lightning_gns.BatchSizeGrowth` registers itself at ``setup``; ``monitor.growth`` is then it.
+        """
+        if not any(f is follower for f in self._followers):
+            self._followers.append(follower)
+        if isinstance(follower, BatchSizeGrowth):
+            self.growth = follower
+
     @property
     def is_preconditioned(self) -> bool:
         """Whether the measured (and logged) noise scale is the preconditioned one; resolved at fit start."""
@@ -341,8 +358,11 @@ class NoiseScaleMonitor(Callback):
             )
         world = self._world_size = trainer.world_size
         accumulate = trainer.accumulate_grad_batches
-        if self.growth is not None:
-            self.growth.setup(trainer)
+        growth = self._owned_growth
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        if growth is not None and not any(c is growth for c in callbacks):
+            # Right after the monitor: Lightning calls its setup in this same round of hooks.
+            callbacks.insert(next(i for i, c in enumerate(callbacks) if c is self) + 1, growth)
         name = self._resolve_source(world, accumulate)
         if self.source_name == "auto":
             rank_zero_info(
@@ -459,9 +479,6 @@ class NoiseScaleMonitor(Callback):
                 ddp_model = strategy.model
                 assert isinstance(ddp_model, DistributedDataParallel)  # DDPStrategy.setup wrapped it
                 ddp_model.register_comm_hook(ddp_comm_state(strategy), self._source.comm_hook)
-        if self.growth is not None:
-            self._check_micro_batch_cap(trainer)
-            self.growth.on_train_start(trainer, self._source, self.horizon_examples)
         self._num_train_loaders = len(_leaves(trainer.train_dataloader))
         if self.finite_population:
             self.population_size = _training_set_size(trainer)
@@ -473,9 +490,8 @@ class NoiseScaleMonitor(Callback):
             )
         # What the numbers mean, for whoever reads the logs later (`lightning-gns report` does).
         described: dict[str, Any] = {SOURCE_HPARAM: self._source.name if self._source is not None else "none"}
-        if self.growth is not None:
-            described[LR_SCALING_HPARAM] = self.growth.rule
-            described[tags.GROWTH_POLICY_HPARAM] = self.growth.scheduler.policy if self.growth.scheduler else "none"
+        for follower in self._followers:
+            described.update(follower.hparams())
         for logger in trainer.loggers:
             logger.log_hyperparams(described)
             if isinstance(logger, TensorBoardLogger):
@@ -484,19 +500,6 @@ class NoiseScaleMonitor(Callback):
                     # TensorBoardLogger writes hparams.yaml once, before this hook: bring it up to date.
                     hparams_file = os.path.join(logger.log_dir, TensorBoardLogger.NAME_HPARAMS_FILE)
                     save_hparams_to_yaml(hparams_file, logger.hparams)
-
-    def _check_micro_batch_cap(self, trainer: pl.Trainer) -> None:
-        """A memory cap below the micro-batch the run starts with would be exceeded from the first batch."""
-        assert self.growth is not None
-        cap = self.growth.max_micro_batch_size
-        start = getattr(trainer.train_dataloader, "batch_size", None)
-        if cap is not None and isinstance(start, int) and start > cap:
-            raise MisconfigurationException(
-                f"`max_micro_batch_size={cap}` is below the training dataloader's batch_size={start}, the micro-batch "
-                f"the run starts with: the first batches would already exceed the cap. Build the dataloader with "
-                f"batch_size <= {cap} (and `Trainer(accumulate_grad_batches=...)` for the same batch per step), or "
-                "raise the cap."
-            )
 
     def _tensorboard_layout(self) -> dict[str, dict[str, list[Any]]]:
         def keys(*names: str) -> list[str]:
@@ -507,10 +510,8 @@ class NoiseScaleMonitor(Callback):
             "B_crit suggestion and batch size": ["Multiline", keys(tags.B_CRIT, tags.BATCH_SIZE)],
             "|G|² and tr(Σ)": ["Multiline", keys(tags.GRAD_SQ_NORM, tags.TRACE_SIGMA)],
         }
-        if self.growth is not None:
-            sizes = keys(tags.BATCH_SIZE, tags.BATCH_SIZE_TARGET, tags.MICRO_BATCH_SIZE)
-            charts["batch-size growth: sizes"] = ["Multiline", sizes]
-            charts["batch-size growth: learning rate"] = ["Multiline", keys(tags.LR, tags.LR_SCALE)]
+        for follower in self._followers:
+            charts.update(follower.tensorboard_charts(self.log_key_prefix))
         return {"gradient noise scale": charts}
 
     @override
@@ -521,8 +522,6 @@ class NoiseScaleMonitor(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._source is not None:
             self._source.detach()
-        if stage == "fit" and self.growth is not None:
-            self.growth.teardown()
 
     # -- per step -------------------------------------------------------------------------------------------------
 
@@ -530,23 +529,9 @@ class NoiseScaleMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.growth is not None:
-            self.growth.on_train_batch_start(trainer, self._source, batch_idx)
         self._batch_examples = _examples_in(batch, trainer.train_dataloader)
         if self._source is not None:
             self._source.batch_start()
-
-    @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.growth is not None:
-            self.growth.on_train_epoch_start(trainer)
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self.growth is not None:
-            self.growth.on_train_batch_end(trainer, batch_idx)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -767,17 +752,18 @@ class NoiseScaleMonitor(Callback):
             layer_b_simple = ema_compute(self._layer_ema, self.confidence)["b_simple"].tolist()
             for name, value in zip(self._source.layer_names, layer_b_simple, strict=True):
                 metrics[f"{self.log_key_prefix}{tags.layer_b_simple(name)}"] = value
-        if self.growth is not None:
-            metrics.update({f"{self.log_key_prefix}{k}": v for k, v in self.growth.logged().items()})
+        for follower in self._followers:
+            metrics.update({f"{self.log_key_prefix}{k}": v for k, v in follower.logged().items()})
         step = batches_that_stepped(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         if self.prog_bar:
             key = f"{self.log_key_prefix}{tags.B_SIMPLE}"
             pl_module.log(key, metrics[key], prog_bar=True, logger=False)
-        if self.growth is not None:
-            # Every rank is here (logging steps are shared), as the decision's collective needs.
-            self.growth.decide(trainer, {k: metrics[f"{self.log_key_prefix}{k}"] for k in keys})
+        # Every rank is here (logging steps are shared), as a follower's collective needs.
+        logged = MappingProxyType({k: metrics[f"{self.log_key_prefix}{k}"] for k in keys})
+        for follower in self._followers:
+            follower.on_estimates_logged(trainer, logged)
 
     def _warn_if_frozen(self, since: float) -> None:
         """Warn once when a whole logging period (of 10+ steps) was skipped; again only after a recovery."""
@@ -818,7 +804,7 @@ class NoiseScaleMonitor(Callback):
             "layer_metric": None
             if self.layer_metric is None
             else {name: getattr(self.layer_metric, name).detach().cpu() for name in self.layer_metric._state_names()},
-            "growth": None if self.growth is None else self.growth.state_dict(),
+            "growth": None if self._owned_growth is None else self._owned_growth.growth_state(),
         }
 
     @override
@@ -841,8 +827,8 @@ class NoiseScaleMonitor(Callback):
         self._restored_preconditioned = state_dict.get("preconditioned")
         layer_ema = state_dict.get("layer_ema")
         self._layer_ema = None if layer_ema is None else NoiseScaleEMA(**layer_ema)
-        if state_dict.get("growth") is not None and self.growth is not None:
-            self.growth.load_state_dict(state_dict["growth"])
+        if state_dict.get("growth") is not None and self._owned_growth is not None:
+            self._owned_growth._restored = state_dict["growth"]
         if state_dict.get("layer_metric") is not None and self.layer_metric is not None:
             for name, value in state_dict["layer_metric"].items():
                 setattr(self.layer_metric, name, value.clone())
@@ -873,34 +859,6 @@ def _is_number(value: Any) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_growth_options(
-    grow: bool,
-    policy: str,
-    max_batch_size: int | None,
-    max_micro_batch_size: int | None,
-    min_examples_between_changes: float | None,
-) -> None:
-    """The batch-size growth options, checked when the monitor is built rather than when the fit starts."""
-    if policy not in _GROWTH_POLICIES:
-        raise MisconfigurationException(
-            f"Expected `growth_policy` to be one of {_GROWTH_POLICIES}, but got {policy!r}."
-        )
-    for name, value in (("max_batch_size", max_batch_size), ("max_micro_batch_size", max_micro_batch_size)):
-        if value is not None and not (_is_int(value) and value >= 1):
-            raise MisconfigurationException(f"Expected `{name}` to be an int >= 1 or None, but got {value!r}.")
-    wait = min_examples_between_changes
-    if wait is not None and not (_is_number(wait) and 0 <= wait < math.inf):
-        raise MisconfigurationException(
-            f"Expected `min_examples_between_changes` to be a finite number >= 0 or None (half the smoothing "
-            f"horizon), but got {wait!r}."
-        )
-    if not grow and (max_micro_batch_size is not None or wait is not None or policy != "b_crit"):
-        raise MisconfigurationException(
-            "`growth_policy`, `max_micro_batch_size` and `min_examples_between_changes` act only with "
-            "`grow_batch_size=True`: turn it on, or drop them."
-        )
 
 
 def _refuse_compiled(pl_module: pl.LightningModule, chosen: bool) -> None:
