@@ -143,7 +143,7 @@ def test_lightning_internals_error_names_the_internal():
     class NoFetcher:
         fit_loop = object()
 
-    with pytest.raises(LightningInternalsError, match=r"private `_FitLoop._data_fetcher`.*checked on Lightning 2\.2"):
+    with pytest.raises(LightningInternalsError, match=r"private `_FitLoop._data_fetcher`.*checked on Lightning 2\.6"):
         restart_train_fetcher(NoFetcher())  # type: ignore[arg-type]
 
 

@@ -16,7 +16,7 @@ def grad_scaler_scale(scaler: Any) -> Tensor | None:
     ``None`` when ``scaler`` is ``None``, disabled, or has not scaled a loss yet. ``get_scale()`` returns the same
     value as a Python float, which would sync with the device at every step.
 
-    Checked on torch 2.4.0-2.13.0 (``GradScaler._scale``, set by the first ``scale()``). A torch without it falls
+    Checked on torch 2.5.0-2.13.0 (``GradScaler._scale``, set by the first ``scale()``). A torch without it falls
     back to ``get_scale()`` (correct, one sync per call).
 
     Example::

@@ -16,7 +16,7 @@ __all__ = ["saved_operand", "saved_reduction"]
 def saved_reduction(node: Any) -> int | None:
     """The ``reduction`` a loss node saved (torch's enum: 0 none, 1 mean, 2 sum), or ``None`` if it saved none.
 
-    Checked on torch 2.4.0-2.13.0: ``NllLossBackward0``, ``MseLossBackward0``, ``SmoothL1LossBackward0``,
+    Checked on torch 2.5.0-2.13.0: ``NllLossBackward0``, ``MseLossBackward0``, ``SmoothL1LossBackward0``,
     ``HuberLossBackward0``, ``BinaryCrossEntropyBackward0`` and ``BinaryCrossEntropyWithLogitsBackward0`` save it
     as ``_saved_reduction``.
 
@@ -39,7 +39,7 @@ def saved_operand(node: Any, which: str) -> Any:
     A tensor (0-d for a Python number, which torch wraps), or a Python number where the node keeps the scalar
     (``MulBackward1``/``DivBackward1``); ``None`` when the node saved no such operand.
 
-    Checked on torch 2.4.0-2.13.0 (``_saved_other``, ``_saved_self``).
+    Checked on torch 2.5.0-2.13.0 (``_saved_other``, ``_saved_self``).
 
     Example::
 

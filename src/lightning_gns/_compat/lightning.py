@@ -1,6 +1,6 @@
 """Lightning internals that the monitor and batch-size growth read or set, each behind one function.
 
-Every function here was checked on Lightning 2.2.0 through 2.6.6 (the supported range, ``pyproject.toml``), where
+Every function here was checked on Lightning 2.6.0 through 2.6.6 (the supported range, ``pyproject.toml``), where
 the private names below are the same. Each reads its name with a fallback: a Lightning that renamed it raises
 :class:`LightningInternalsError`, which names the internal, the versions it was checked on and what to do, rather
 than an ``AttributeError`` from deep inside a hook.
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 #: The Lightning versions every function of this module was run against.
-CHECKED_ON = "Lightning 2.2.0-2.6.6"
+CHECKED_ON = "Lightning 2.6.0-2.6.6"
 _MISSING = object()
 
 
@@ -42,7 +42,7 @@ def _get(obj: Any, name: str, owner: str) -> Any:
         raise LightningInternalsError(
             f"lightning-gns reads Lightning's private `{owner}.{name}`, which this Lightning "
             f"({lightning.__version__}) does not have (checked on {CHECKED_ON}). Install a Lightning in that range "
-            "(`pip install 'lightning>=2.2,<2.7'`), or report the version so the shim in "
+            "(`pip install 'lightning>=2.6,<2.7'`), or report the version so the shim in "
             "lightning_gns/_compat/lightning.py can follow it."
         )
     return value
@@ -51,7 +51,7 @@ def _get(obj: Any, name: str, owner: str) -> Any:
 def ddp_comm_state(strategy: DDPStrategy) -> object | None:
     """The state the user gave ``DDPStrategy(ddp_comm_state=...)``: the first argument of a DDP comm hook.
 
-    Checked on Lightning 2.2.0-2.6.6 (``DDPStrategy._ddp_comm_state``).
+    Checked on Lightning 2.6.0-2.6.6 (``DDPStrategy._ddp_comm_state``).
     """
     return _get(strategy, "_ddp_comm_state", "DDPStrategy")
 
@@ -63,7 +63,7 @@ def replace_ddp_comm_hook(strategy: DDPStrategy, hook: Callable[..., Any]) -> Ca
     on CUDA only. The returned hook is for ``hook`` to call on each bucket, so that the user's compression (or
     other) hook still runs.
 
-    Checked on Lightning 2.2.0-2.6.6 (``DDPStrategy._ddp_comm_hook`` and ``_ddp_comm_wrapper``).
+    Checked on Lightning 2.6.0-2.6.6 (``DDPStrategy._ddp_comm_hook`` and ``_ddp_comm_wrapper``).
     """
     inner = _get(strategy, "_ddp_comm_hook", "DDPStrategy")
     wrapper = _get(strategy, "_ddp_comm_wrapper", "DDPStrategy")
@@ -77,7 +77,7 @@ def replace_ddp_comm_hook(strategy: DDPStrategy, hook: Callable[..., Any]) -> Ca
 def batches_that_stepped(trainer: pl.Trainer) -> int:
     """The step Lightning's own logging uses for ``self.log`` values (batches that ran an optimizer step).
 
-    Checked on Lightning 2.2.0-2.6.6 (``_TrainingEpochLoop._batches_that_stepped``).
+    Checked on Lightning 2.6.0-2.6.6 (``_TrainingEpochLoop._batches_that_stepped``).
     """
     return int(_get(trainer.fit_loop.epoch_loop, "_batches_that_stepped", "_TrainingEpochLoop"))
 
@@ -86,7 +86,7 @@ def validates_by_time(trainer: pl.Trainer) -> bool:
     """Whether ``val_check_interval`` is a duration (Lightning 2.6+), not a fraction of the epoch or a count.
 
     Lightning before 2.6 has no time-based validation: there the answer is ``False``.
-    Checked on Lightning 2.2.0-2.6.6 (``Trainer._val_check_time_interval``, new in 2.6).
+    Checked on Lightning 2.6.0-2.6.6 (``Trainer._val_check_time_interval``, new in 2.6).
     """
     return getattr(trainer, "_val_check_time_interval", None) is not None
 
@@ -98,7 +98,7 @@ def _fit_loop_fetcher(trainer: pl.Trainer) -> Any:
 def restart_train_fetcher(trainer: pl.Trainer) -> None:
     """Make the fit loop draw a fresh iterator from the training dataloader (it starts where the sampler stands).
 
-    Checked on Lightning 2.2.0-2.6.6 (``_FitLoop._data_fetcher``; ``iter()`` of a ``_DataFetcher`` resets it).
+    Checked on Lightning 2.6.0-2.6.6 (``_FitLoop._data_fetcher``; ``iter()`` of a ``_DataFetcher`` resets it).
     """
     fetcher = _fit_loop_fetcher(trainer)
     if fetcher is not None:
@@ -108,7 +108,7 @@ def restart_train_fetcher(trainer: pl.Trainer) -> None:
 def set_train_fetcher_length(trainer: pl.Trainer, length: int) -> None:
     """Tell the fit loop's fetcher that this epoch has ``length`` batches (it caches the dataloader's length).
 
-    Checked on Lightning 2.2.0-2.6.6 (``_DataFetcher.length``, ``.fetched`` and ``.done``).
+    Checked on Lightning 2.6.0-2.6.6 (``_DataFetcher.length``, ``.fetched`` and ``.done``).
     """
     fetcher = _fit_loop_fetcher(trainer)
     if fetcher is not None and _get(fetcher, "length", "_DataFetcher") is not None:
@@ -123,7 +123,7 @@ def _combined_loader(trainer: pl.Trainer) -> Any:
 def train_dataloaders(trainer: pl.Trainer) -> list[Any]:
     """The training dataloaders as the fit loop holds them (flattened), ``[]`` before it holds any.
 
-    Checked on Lightning 2.2.0-2.6.6 (``_FitLoop._combined_loader``, ``CombinedLoader.flattened``).
+    Checked on Lightning 2.6.0-2.6.6 (``_FitLoop._combined_loader``, ``CombinedLoader.flattened``).
     """
     combined = _combined_loader(trainer)
     return [] if combined is None else list(combined.flattened)
@@ -135,7 +135,7 @@ def replace_train_dataloaders(trainer: pl.Trainer, loaders: list[Any]) -> None:
     The iterator Lightning made before the hook (workers included) is shut down, ``limit_train_batches`` limits
     are dropped (the new loaders set the epoch), and the fetcher is pointed at the new loaders.
 
-    Checked on Lightning 2.2.0-2.6.6 (``_FitLoop._combined_loader``/``_data_fetcher``, ``CombinedLoader.reset``,
+    Checked on Lightning 2.6.0-2.6.6 (``_FitLoop._combined_loader``/``_data_fetcher``, ``CombinedLoader.reset``,
     ``.flattened``, ``.limits``, ``_DataFetcher.setup``).
     """
     combined = _combined_loader(trainer)

@@ -13,7 +13,7 @@ __all__ = ["fused_norms"]
 def fused_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     """The 2-norm of each tensor, in one fused kernel per device and dtype group (``torch._foreach_norm``).
 
-    Checked on torch 2.4.0-2.13.0, where ``torch._foreach_norm`` takes a list of strided tensors and returns one
+    Checked on torch 2.5.0-2.13.0, where ``torch._foreach_norm`` takes a list of strided tensors and returns one
     0-d tensor each, in their dtype. A torch without it gets the same norms one kernel at a time.
 
     Example::

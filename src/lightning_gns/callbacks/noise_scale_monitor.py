@@ -124,7 +124,9 @@ class NoiseScaleMonitor(Callback):
             B_simple are those of the full data. It matters once B_simple is not small against :math:`N`.
         per_layer: also measure each layer on its own (``per_example`` source) and log
             ``{prefix}layer/<qualified name>/b_simple``; :attr:`layer_metric` holds the run averages.
-        grow_batch_size: grow the batch size as the noise scale grows (``docs/batch_size.md``). The training
+        grow_batch_size: grow the batch size as the noise scale grows (``docs/batch_size.md``): a shortcut that
+            builds a :class:`~lightning_gns.BatchSizeGrowth` callback from the ``growth:`` options below and adds
+            it to the Trainer's callbacks (``monitor.growth``); the same callback can be added by hand. The training
             dataloader is made resizable; at logging steps a :class:`~lightning_gns.BatchSizeScheduler` decides the
             effective batch size (micro-batch × accumulation × world size), which changes at the next
             optimizer-step boundary, mid-epoch included, with every example of an epoch served once. Also logs

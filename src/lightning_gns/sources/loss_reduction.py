@@ -58,7 +58,7 @@ def reduction_in_graph(loss: Tensor, max_depth: int = 16) -> ReductionInGraph:
     is meant to run once, at the first backward pass.
 
     Node class names and what the nodes saved are not a public interface of torch: the saved values are read
-    through :mod:`lightning_gns._compat.autograd` (checked on torch 2.4-2.13), so that a torch upgrade that
+    through :mod:`lightning_gns._compat.autograd` (checked on torch 2.5-2.13), so that a torch upgrade that
     renames them costs one function there. An unknown node ends the walk with ``reduction=None``, never an
     error.
     """
