@@ -1,6 +1,7 @@
 """Growing the batch size of a running fit: the Lightning side of :class:`~lightning_gns.BatchSizeScheduler`.
 
-:class:`NoiseScaleMonitor` owns one of these when ``grow_batch_size=True``. It
+:class:`BatchSizeGrowth` is a callback of its own that follows a :class:`~lightning_gns.NoiseScaleMonitor`
+(``NoiseScaleMonitor(grow_batch_size=True)`` builds one). It
 
 * swaps the training dataloader for one driven by a :class:`~lightning_gns.sampler.ResizableBatchSampler` (same
   data set, workers and collate function), so that the batch size can change between any two optimizer steps
@@ -24,18 +25,29 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
+from lightning_gns import tags
+from lightning_gns._compat.lightning import (
+    replace_train_dataloaders,
+    restart_train_fetcher,
+    set_train_fetcher_length,
+    train_dataloaders,
+    validates_by_time,
+)
+from lightning_gns.callbacks.estimates import EstimatesProvider
 from lightning_gns.sampler import ResizableBatchSampler, split_batch_size
+from lightning_gns.scheduler import _POLICIES as _GROWTH_POLICIES
 from lightning_gns.scheduler import BatchSizeChange, BatchSizeScheduler, GrowthPolicy
-from lightning_gns.sources.base import GradientSource
 from lightning_gns.sources.preconditioning import is_adam_family
 
 #: Steps' worth of examples (at the first step's batch size) that the moving average remembers by default.
-DEFAULT_HORIZON_STEPS = 100
+DEFAULT_HORIZON_STEPS = tags.DEFAULT_HORIZON_STEPS
 
 LRScaling = Literal["auto", "linear", "sqrt", "none"]
 _LR_SCALINGS = ("auto", "linear", "sqrt", "none")
@@ -109,41 +121,87 @@ def lr_scale(rule: str, batch_size: int, initial_batch_size: int) -> float:
     return 1.0
 
 
-class BatchSizeGrowth:
-    """Applies the batch-size decisions of a :class:`BatchSizeScheduler` to a running Lightning fit.
+class BatchSizeGrowth(Callback):
+    r"""Grow the batch size of a fit as its gradient noise scale grows, reading a :class:`NoiseScaleMonitor`.
 
-    See :class:`~lightning_gns.NoiseScaleMonitor` (``grow_batch_size=True``) for the options.
+    Add it to a ``Trainer`` next to a :class:`~lightning_gns.NoiseScaleMonitor`: at the monitor's logging steps
+    a :class:`~lightning_gns.BatchSizeScheduler` turns the logged B_simple (and its interval) into the effective
+    batch size (micro-batch × ``accumulate_grad_batches`` × world size), which changes at the next optimizer-step
+    boundary, mid-epoch included, with every example of an epoch served once on every rank. The training
+    dataloader is made resizable; the learning rate is rescaled inside the optimizer step only, so LR schedulers
+    keep stepping the unscaled value. Everything is checkpointed, position in the epoch included.
+
+    ``NoiseScaleMonitor(grow_batch_size=True, ...)`` builds one of these with the same options (a shortcut);
+    ``monitor.growth`` is the one in use either way.
+
+    Logged with the monitor's estimates (under its ``log_key_prefix``): ``lr``, ``lr_scale``,
+    ``accumulate_grad_batches``, ``micro_batch_size``, ``batch_size_target``, ``batch_size_changes``
+    (:data:`lightning_gns.tags.GROWTH`); the hyperparameters ``lr_scaling`` and ``growth_policy``.
+
+    Args:
+        max_batch_size: the largest effective batch size (``None``: what one epoch of the data can fill).
+        max_micro_batch_size: the most examples one forward/backward pass may hold (the memory cap); beyond it
+            accumulation grows. ``None``: no cap (set one on an accelerator, e.g. from Lightning's
+            ``BatchSizeFinder``).
+        growth_policy: ``"b_crit"`` (target ``b_crit_factor`` × B_simple), ``"sqrt"`` or ``"goodput"`` (see
+            :class:`~lightning_gns.BatchSizeScheduler`).
+        lr_scaling: how the learning rate follows the batch size: ``"linear"`` (SGD), ``"sqrt"`` (Adam family),
+            ``"none"``, or ``"auto"`` (by optimizer type).
+        lr_warmup_steps: reach a new learning-rate scale linearly over this many optimizer steps.
+        min_examples_between_changes: examples to train on between two changes (``None``: half the monitor's
+            smoothing horizon).
+        batch_size_scheduler: a fully configured scheduler (overrides ``growth_policy``, ``max_batch_size`` and
+            ``min_examples_between_changes``); its ``initial_batch_size`` must be the run's.
+        b_crit_factor: the scheduler's ``factor`` (target = this × B_simple); ``None``: the monitor's.
+        monitor: the monitor to follow; ``None``: the one :class:`~lightning_gns.NoiseScaleMonitor` among the
+            Trainer's callbacks.
+
+    Raises:
+        MisconfigurationException: for an invalid option when built; at ``setup`` without exactly one monitor to
+            follow, or with ``reload_dataloaders_every_n_epochs``/``limit_train_batches``; at the start of
+            training for a dataloader it cannot resize (the message says how to build one it can).
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_gns import BatchSizeGrowth, NoiseScaleMonitor
+        >>> growth = BatchSizeGrowth(max_batch_size=4096, max_micro_batch_size=256, lr_scaling="sqrt")
+        >>> trainer = Trainer(callbacks=[NoiseScaleMonitor(), growth], logger=False, enable_progress_bar=False)
     """
 
     def __init__(
         self,
-        scheduler: BatchSizeScheduler | None,
-        policy: GrowthPolicy,
-        factor: float,
-        max_batch_size: int | None,
-        max_micro_batch_size: int | None,
-        lr_scaling: LRScaling,
-        lr_warmup_steps: int,
-        min_examples_between_changes: float | None,
+        max_batch_size: int | None = None,
+        max_micro_batch_size: int | None = None,
+        growth_policy: GrowthPolicy = "b_crit",
+        lr_scaling: LRScaling = "auto",
+        lr_warmup_steps: int = 0,
+        min_examples_between_changes: float | None = None,
+        batch_size_scheduler: BatchSizeScheduler | None = None,
+        b_crit_factor: float | None = None,
+        monitor: EstimatesProvider | None = None,
     ) -> None:
+        check_growth_options(True, growth_policy, max_batch_size, max_micro_batch_size, min_examples_between_changes)
         if lr_scaling not in _LR_SCALINGS:
             raise MisconfigurationException(f"Expected `lr_scaling` to be one of {_LR_SCALINGS}, got {lr_scaling!r}.")
-        if max_micro_batch_size is not None and max_micro_batch_size < 1:
+        if not (_is_int(lr_warmup_steps) and lr_warmup_steps >= 0):
+            raise MisconfigurationException(f"Expected `lr_warmup_steps` to be an int >= 0, got {lr_warmup_steps!r}.")
+        if b_crit_factor is not None and not (_is_number(b_crit_factor) and 0 < b_crit_factor < math.inf):
             raise MisconfigurationException(
-                f"Expected `max_micro_batch_size` >= 1 (the most examples one backward pass may hold) or None, got "
-                f"{max_micro_batch_size!r}."
+                f"Expected `b_crit_factor` to be a finite number > 0, or None for the monitor's; got {b_crit_factor!r}."
             )
-        if lr_warmup_steps < 0:
-            raise MisconfigurationException(f"Expected `lr_warmup_steps` >= 0, got {lr_warmup_steps!r}.")
-        self.scheduler = scheduler
-        self._scheduler_given = scheduler is not None
-        self.policy: GrowthPolicy = policy
-        self.factor = factor
+        self.scheduler = batch_size_scheduler
+        self._scheduler_given = batch_size_scheduler is not None
+        self.policy: GrowthPolicy = growth_policy
+        self.b_crit_factor = b_crit_factor
         self.max_batch_size = max_batch_size
         self.max_micro_batch_size = max_micro_batch_size
         self.lr_scaling: LRScaling = lr_scaling
         self.lr_warmup_steps = lr_warmup_steps
         self.min_examples_between_changes = min_examples_between_changes
+        self.monitor = monitor
+        # Built by `NoiseScaleMonitor(grow_batch_size=True)`: its state is checkpointed inside the monitor's.
+        self._owned_by_monitor = False
 
         self.sampler: ResizableBatchSampler | None = None
         self.rule: str = "none"
@@ -166,10 +224,30 @@ class BatchSizeGrowth:
         self._restored: dict[str, Any] | None = None
         self._timer: tuple[float, int] | None = None  # (time of the last reading, global step then)
 
+    @property
+    def factor(self) -> float:
+        """The scheduler's factor: ``b_crit_factor``, else the monitor's."""
+        if self.b_crit_factor is not None:
+            return self.b_crit_factor
+        return self.monitor.b_crit_factor if self.monitor is not None else 1.0
+
     # -- set-up ---------------------------------------------------------------------------------------------------
 
-    def setup(self, trainer: pl.Trainer) -> None:
-        """Refuse what growth cannot work with, before anything runs."""
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Find the monitor to follow; refuse what growth cannot work with, before anything runs."""
+        if stage != "fit":
+            return
+        if self.monitor is None:
+            monitors = [c for c in trainer.callbacks if isinstance(c, EstimatesProvider)]  # type: ignore[attr-defined]
+            if len(monitors) != 1:
+                raise MisconfigurationException(
+                    f"BatchSizeGrowth follows the estimates of one NoiseScaleMonitor, but the Trainer has "
+                    f"{len(monitors)}. Add one (`Trainer(callbacks=[NoiseScaleMonitor(), BatchSizeGrowth()])`), or "
+                    "pass the one to follow: `BatchSizeGrowth(monitor=...)`."
+                )
+            self.monitor = monitors[0]
+        self.monitor.follow(self)
         if trainer.reload_dataloaders_every_n_epochs:  # type: ignore[attr-defined]  # set at run time
             raise MisconfigurationException(
                 "grow_batch_size=True replaces the training dataloader with a resizable one, which "
@@ -182,13 +260,33 @@ class BatchSizeGrowth:
                 "or bound the run with `max_steps`."
             )
 
-    def on_train_start(
-        self, trainer: pl.Trainer, source: GradientSource | None, horizon_examples: float | None
-    ) -> None:
-        """Make the training dataloader resizable and put the (restored) batch size, accumulation and LR in force."""
-        self._world_size = trainer.world_size
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Settle the learning-rate rule against the optimizers (configured by now)."""
         self._optimizers = list(trainer.optimizers)
         self.rule = default_lr_scaling(self._optimizers) if self.lr_scaling == "auto" else self.lr_scaling
+
+    def hparams(self) -> dict[str, Any]:
+        """The learning-rate rule and the growth policy, written to the loggers with the monitor's hparams."""
+        policy = self.scheduler.policy if self.scheduler is not None else self.policy
+        return {tags.LR_SCALING_HPARAM: self.rule, tags.GROWTH_POLICY_HPARAM: policy}
+
+    def tensorboard_charts(self, prefix: str) -> dict[str, list[Any]]:
+        """The growth charts of the monitor's TensorBoard layout: the batch sizes, and the learning rate."""
+        sizes = [f"{prefix}{name}" for name in (tags.BATCH_SIZE, tags.BATCH_SIZE_TARGET, tags.MICRO_BATCH_SIZE)]
+        return {
+            "batch-size growth: sizes": ["Multiline", sizes],
+            "batch-size growth: learning rate": ["Multiline", [f"{prefix}{tags.LR}", f"{prefix}{tags.LR_SCALE}"]],
+        }
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Make the training dataloader resizable and put the (restored) batch size, accumulation and LR in force."""
+        assert self.monitor is not None  # found at setup
+        self._check_micro_batch_cap(trainer)
+        source, horizon_examples = self.monitor.source, self.monitor.horizon_examples
+        self._world_size = trainer.world_size
+        self._optimizers = list(trainer.optimizers)
         self.sampler = _make_resizable(trainer)
         self.data_cap = _data_cap(self.sampler)
         try:
@@ -204,9 +302,7 @@ class BatchSizeGrowth:
         finally:
             # Lightning made its iterator before this hook; a fresh one starts where the (restored) sampler stands
             # (and an error above still leaves the loop a loader to tear down).
-            fetcher = trainer.fit_loop._data_fetcher
-            if fetcher is not None:
-                iter(fetcher)
+            restart_train_fetcher(trainer)
         trainer.accumulate_grad_batches = self.accumulate_grad_batches
         if source is not None:
             source.loss_divisor = self.accumulate_grad_batches  # type: ignore[attr-defined]
@@ -224,6 +320,18 @@ class BatchSizeGrowth:
             f"{self.micro_batch_size} × accumulation {self.accumulate_grad_batches} × {self._world_size} ranks), "
             f"policy `{self.scheduler.policy if self.scheduler else self.policy}`, learning rate scaled `{self.rule}`."
         )
+
+    def _check_micro_batch_cap(self, trainer: pl.Trainer) -> None:
+        """A memory cap below the micro-batch the run starts with would be exceeded from the first batch."""
+        cap = self.max_micro_batch_size
+        start = getattr(trainer.train_dataloader, "batch_size", None)
+        if cap is not None and isinstance(start, int) and start > cap:
+            raise MisconfigurationException(
+                f"`max_micro_batch_size={cap}` is below the training dataloader's batch_size={start}, the micro-batch "
+                f"the run starts with: the first batches would already exceed the cap. Build the dataloader with "
+                f"batch_size <= {cap} (and `Trainer(accumulate_grad_batches=...)` for the same batch per step), or "
+                "raise the cap."
+            )
 
     def _cap_scheduler(self) -> None:
         """Bound the scheduler (built or given) by what one epoch of the training data can fill.
@@ -286,15 +394,20 @@ class BatchSizeGrowth:
 
     # -- per step -------------------------------------------------------------------------------------------------
 
-    def on_train_epoch_start(self, trainer: pl.Trainer) -> None:
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Lightning sets the epoch of samplers, not of batch samplers: do it for ours."""
         if self.sampler is not None and self.sampler.epoch != trainer.current_epoch:
             self.sampler.set_epoch(trainer.current_epoch)
             self._consumed = 0
             self._sync_lengths(trainer)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, source: GradientSource | None, batch_idx: int) -> None:
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         """Put a pending change in force at its batch: a step boundary common to the old and new accumulation."""
+        source = self.monitor.source if self.monitor is not None else None
         change = self.pending
         if change is None or (trainer.current_epoch, batch_idx) != (change.epoch, change.batch):
             return
@@ -318,7 +431,10 @@ class BatchSizeGrowth:
             f"learning rate × {self._lr_to:.4g}, rule `{self.rule}`): {change.reason}."
         )
 
-    def on_train_batch_end(self, trainer: pl.Trainer, batch_idx: int) -> None:
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         """Count the batches trained on (the position a checkpoint resumes from); place mid-epoch validation."""
         self._consumed = batch_idx + 1
         self._place_validation(trainer, batch_idx)
@@ -335,7 +451,7 @@ class BatchSizeGrowth:
         if (
             self.sampler is None
             or not isinstance(interval, float)
-            or getattr(trainer, "_val_check_time_interval", None) is not None
+            or validates_by_time(trainer)
             or trainer.check_val_every_n_epoch is None
         ):
             return
@@ -346,6 +462,10 @@ class BatchSizeGrowth:
         completes = math.floor(through + 1e-9) > math.floor(before + 1e-9)
         trainer.val_check_batch = batch_idx + 1 if completes else batch_idx + 2
 
+    def on_estimates_logged(self, trainer: pl.Trainer, estimates: Mapping[str, float]) -> None:
+        """The monitor logged (every rank is here, as the decision's collective needs): decide."""
+        self.decide(trainer, estimates)
+
     def decide(self, trainer: pl.Trainer, estimates: Mapping[str, float]) -> None:
         """At a logging step (every rank): ask the scheduler and plan its change on every rank alike."""
         assert self.sampler is not None
@@ -354,7 +474,10 @@ class BatchSizeGrowth:
         change: BatchSizeChange | None = None
         if self.pending is None:
             change = self.scheduler.update(
-                estimates["b_simple"], estimates["b_simple_lower"], estimates["b_simple_upper"], estimates["examples"]
+                estimates[tags.B_SIMPLE],
+                estimates[tags.B_SIMPLE_LOWER],
+                estimates[tags.B_SIMPLE_UPPER],
+                estimates[tags.EXAMPLES],
             )
         # One small collective at every logging step, decision or not: the ranks agree on whether and where to
         # change even if their floating-point estimates were to differ in the last bit.
@@ -370,7 +493,7 @@ class BatchSizeGrowth:
         if requested > cap or (change is not None and new_batch_size == cap and change.target > cap):
             self._tell_cap()
         if change is None:  # another rank decided: take its decision (keeps the schedulers in step)
-            self.scheduler.accept(new_batch_size, estimates["examples"])
+            self.scheduler.accept(new_batch_size, estimates[tags.EXAMPLES])
         if new_batch_size == self.batch_size:  # the cap leaves nothing to change
             self.scheduler.batch_size = self.batch_size
             return
@@ -400,16 +523,12 @@ class BatchSizeGrowth:
         """Tell Lightning's loops how many batches this epoch now has (it caches the dataloader's length)."""
         assert self.sampler is not None
         length = len(self.sampler)
-        fit_loop = trainer.fit_loop
-        fit_loop.max_batches = length
-        fetcher = fit_loop._data_fetcher
-        if fetcher is not None and fetcher.length is not None:
-            fetcher.length = length
-            fetcher.done = fetcher.fetched >= length
+        trainer.fit_loop.max_batches = length
+        set_train_fetcher_length(trainer, length)
         # Validation "every fraction of an epoch" was turned into batches from the starting length (as Lightning's
         # `FitLoop.setup_data` does); an epoch-end validation would otherwise never come.
         interval = trainer.val_check_interval
-        if isinstance(interval, float) and getattr(trainer, "_val_check_time_interval", None) is None:
+        if isinstance(interval, float) and not validates_by_time(trainer):
             trainer.val_check_batch = max(1, int(length * interval))
 
     # -- the learning rate ------------------------------------------------------------------------------------------
@@ -446,24 +565,36 @@ class BatchSizeGrowth:
             if not self._saved_lrs:
                 lr *= self.current_lr_scale
         return {
-            "lr": lr,
-            "lr_scale": self.current_lr_scale,
-            "accumulate_grad_batches": float(self.accumulate_grad_batches),
-            "micro_batch_size": float(self.micro_batch_size),
-            "batch_size_target": float(self.batch_size if self.pending is None else self.pending.batch_size),
-            "batch_size_changes": float(len(self.changes)),
+            tags.LR: lr,
+            tags.LR_SCALE: self.current_lr_scale,
+            tags.ACCUMULATE_GRAD_BATCHES: float(self.accumulate_grad_batches),
+            tags.MICRO_BATCH_SIZE: float(self.micro_batch_size),
+            tags.BATCH_SIZE_TARGET: float(self.batch_size if self.pending is None else self.pending.batch_size),
+            tags.BATCH_SIZE_CHANGES: float(len(self.changes)),
         }
 
     # -- end and checkpointing --------------------------------------------------------------------------------------
 
-    def teardown(self) -> None:
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove the optimizer hooks."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
+    @override
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs to continue exactly: sizes, LR scale, position, pending change."""
+        """Everything a resumed run needs to continue exactly: sizes, LR scale, position, pending change.
+
+        Empty when the monitor built this callback (``grow_batch_size=True``): the monitor's checkpoint holds it
+        (under ``"growth"``), as it always has, so checkpoints of either kind load.
+        """
+        if self._owned_by_monitor:
+            return {}
+        return self.growth_state()
+
+    def growth_state(self) -> dict[str, Any]:
+        """The state :meth:`state_dict` checkpoints (also when the monitor checkpoints it)."""
         return {
             "initial_batch_size": self.initial_batch_size,
             "batch_size": self.batch_size,
@@ -477,9 +608,11 @@ class BatchSizeGrowth:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the state until ``on_train_start`` builds the sampler it belongs to."""
-        self._restored = state_dict
+        if state_dict:
+            self._restored = state_dict
 
     def _load(self, state: dict[str, Any], trainer: pl.Trainer, horizon_examples: float | None) -> None:
         assert self.sampler is not None
@@ -513,15 +646,13 @@ _RESIZABLE_HELP = (
 
 def _make_resizable(trainer: pl.Trainer) -> ResizableBatchSampler:
     """Swap the fit loop's training dataloader for an equivalent one with a :class:`ResizableBatchSampler`."""
-    fit_loop = trainer.fit_loop
-    combined = fit_loop._combined_loader
-    if combined is None or len(combined.flattened) != 1:
-        count = 0 if combined is None else len(combined.flattened)
+    loaders = train_dataloaders(trainer)
+    if len(loaders) != 1:
         raise MisconfigurationException(
-            f"grow_batch_size=True needs exactly one training dataloader, but the run has {count}. Combine your data "
-            "into one data set."
+            f"grow_batch_size=True needs exactly one training dataloader, but the run has {len(loaders)}. Combine "
+            "your data into one data set."
         )
-    loader = combined.flattened[0]
+    loader = loaders[0]
     if type(loader) is not DataLoader:
         raise MisconfigurationException(
             f"grow_batch_size=True cannot resize a {type(loader).__name__}: it needs a torch DataLoader. "
@@ -559,12 +690,7 @@ def _make_resizable(trainer: pl.Trainer) -> ResizableBatchSampler:
         kwargs["prefetch_factor"] = loader.prefetch_factor
     resizable = DataLoader(dataset, batch_sampler=sampler, **kwargs)
     # The iterator Lightning made before this hook (workers included) is shut down and replaced.
-    combined.reset()
-    combined.flattened = [resizable]
-    combined.limits = None
-    fetcher = fit_loop._data_fetcher
-    if fetcher is not None:
-        fetcher.setup(combined)
+    replace_train_dataloaders(trainer, [resizable])
     return sampler
 
 
@@ -602,3 +728,39 @@ def _sampling_of(loader: DataLoader, size: int) -> tuple[bool, int, int, bool]:
             + _RESIZABLE_HELP
         )
     return shuffle, seed, batch_sampler.batch_size, batch_sampler.drop_last
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_growth_options(
+    grow: bool,
+    policy: str,
+    max_batch_size: int | None,
+    max_micro_batch_size: int | None,
+    min_examples_between_changes: float | None,
+) -> None:
+    """The batch-size growth options, checked when the callback (or the monitor) is built, not at fit start."""
+    if policy not in _GROWTH_POLICIES:
+        raise MisconfigurationException(
+            f"Expected `growth_policy` to be one of {_GROWTH_POLICIES}, but got {policy!r}."
+        )
+    for name, value in (("max_batch_size", max_batch_size), ("max_micro_batch_size", max_micro_batch_size)):
+        if value is not None and not (_is_int(value) and value >= 1):
+            raise MisconfigurationException(f"Expected `{name}` to be an int >= 1 or None, but got {value!r}.")
+    wait = min_examples_between_changes
+    if wait is not None and not (_is_number(wait) and 0 <= wait < math.inf):
+        raise MisconfigurationException(
+            f"Expected `min_examples_between_changes` to be a finite number >= 0 or None (half the smoothing "
+            f"horizon), but got {wait!r}."
+        )
+    if not grow and (max_micro_batch_size is not None or wait is not None or policy != "b_crit"):
+        raise MisconfigurationException(
+            "`growth_policy`, `max_micro_batch_size` and `min_examples_between_changes` act only with "
+            "`grow_batch_size=True`: turn it on, or drop them."
+        )

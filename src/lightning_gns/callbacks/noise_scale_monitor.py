@@ -21,12 +21,15 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_gns import tags
+from lightning_gns._compat.amp import grad_scaler_scale
 from lightning_gns._compat.dynamo import compiled_parts
-from lightning_gns.callbacks.batch_size_growth import DEFAULT_HORIZON_STEPS, BatchSizeGrowth, LRScaling
+from lightning_gns._compat.lightning import batches_that_stepped, ddp_comm_state, replace_ddp_comm_hook
+from lightning_gns.callbacks.batch_size_growth import BatchSizeGrowth, LRScaling, check_growth_options
+from lightning_gns.callbacks.estimates import EstimatesFollower
 from lightning_gns.functional.noise_scale import _check_confidence
 from lightning_gns.functional.smoothing import NoiseScaleEMA, ema_compute, ema_init, ema_update
 from lightning_gns.metric import GradientNoiseScale
-from lightning_gns.scheduler import _POLICIES as _GROWTH_POLICIES
 from lightning_gns.scheduler import BatchSizeScheduler, GrowthPolicy
 from lightning_gns.sources.accumulation import AccumulationSource
 from lightning_gns.sources.base import GradientSource, StepNorms, average_over_ranks
@@ -40,9 +43,9 @@ _SOURCES = ("auto", "ddp", "accumulation", "per_example")
 _LOSS_REDUCTIONS = ("auto", "mean", "sum")
 
 
-# The hparams the monitor writes to every logger, read back by `lightning-gns report`.
-SOURCE_HPARAM = "gns_source"
-LR_SCALING_HPARAM = "lr_scaling"
+# The hparams the monitor writes to every logger, read back by `lightning-gns report` (names in `tags`).
+SOURCE_HPARAM = tags.SOURCE_HPARAM
+LR_SCALING_HPARAM = tags.LR_SCALING_HPARAM
 
 # Consecutive skipped steps (a whole logging period of them) after which the frozen estimates are warned about:
 # an AMP overflow now and then is routine and stays quiet.
@@ -121,7 +124,9 @@ class NoiseScaleMonitor(Callback):
             B_simple are those of the full data. It matters once B_simple is not small against :math:`N`.
         per_layer: also measure each layer on its own (``per_example`` source) and log
             ``{prefix}layer/<qualified name>/b_simple``; :attr:`layer_metric` holds the run averages.
-        grow_batch_size: grow the batch size as the noise scale grows (``docs/batch_size.md``). The training
+        grow_batch_size: grow the batch size as the noise scale grows (``docs/batch_size.md``): a shortcut that
+            builds a :class:`~lightning_gns.BatchSizeGrowth` callback from the ``growth:`` options below and adds
+            it to the Trainer's callbacks (``monitor.growth``); the same callback can be added by hand. The training
             dataloader is made resizable; at logging steps a :class:`~lightning_gns.BatchSizeScheduler` decides the
             effective batch size (micro-batch × accumulation × world size), which changes at the next
             optimizer-step boundary, mid-epoch included, with every example of an epoch served once. Also logs
@@ -173,7 +178,7 @@ class NoiseScaleMonitor(Callback):
         horizon_examples: float | None = None,
         confidence: float = 0.9,
         log_every_n_steps: int | None = None,
-        log_key_prefix: str = "gns/",
+        log_key_prefix: str = tags.DEFAULT_PREFIX,
         prog_bar: bool = False,
         b_crit_factor: float = 1.0,
         per_example_include: tuple[type[torch.nn.Module], ...] | None = None,
@@ -212,7 +217,7 @@ class NoiseScaleMonitor(Callback):
             raise MisconfigurationException(
                 f"Expected `b_crit_factor` to be a finite number > 0, got {b_crit_factor!r}."
             )
-        _check_growth_options(
+        check_growth_options(
             grow_batch_size, growth_policy, max_batch_size, max_micro_batch_size, min_examples_between_changes
         )
         if preconditioned not in (True, False, "auto"):
@@ -235,18 +240,25 @@ class NoiseScaleMonitor(Callback):
         self.finite_population = finite_population
         self.per_layer = per_layer
         self.grow_batch_size = grow_batch_size
+        # Callbacks that act on the estimates (batch-size growth): asked for their logged values at logging steps.
+        self._followers: list[EstimatesFollower] = []
         self.growth: BatchSizeGrowth | None = None
+        # The growth this monitor built (`grow_batch_size=True`): it joins the Trainer's callbacks at setup, and
+        # its state is checkpointed inside the monitor's, as before it was a callback of its own.
+        self._owned_growth: BatchSizeGrowth | None = None
         if grow_batch_size:
-            self.growth = BatchSizeGrowth(
-                batch_size_scheduler,
-                policy=growth_policy,
-                factor=b_crit_factor,
+            self._owned_growth = self.growth = BatchSizeGrowth(
                 max_batch_size=max_batch_size,
                 max_micro_batch_size=max_micro_batch_size,
+                growth_policy=growth_policy,
                 lr_scaling=lr_scaling,
                 lr_warmup_steps=lr_warmup_steps,
                 min_examples_between_changes=min_examples_between_changes,
+                batch_size_scheduler=batch_size_scheduler,
+                b_crit_factor=b_crit_factor,
+                monitor=self,
             )
+            self._owned_growth._owned_by_monitor = True
         elif batch_size_scheduler is not None or max_batch_size is not None:
             raise MisconfigurationException(
                 "`batch_size_scheduler` and `max_batch_size` act only with `grow_batch_size=True`: turn it on, or "
@@ -295,6 +307,16 @@ class NoiseScaleMonitor(Callback):
         """The gradient source in use (resolved at ``setup``)."""
         return self._source
 
+    def follow(self, follower: EstimatesFollower) -> None:
+        """Have ``follower`` log with the monitor and see its estimates at every logging step (once per follower).
+
+        A :class:`~lightning_gns.BatchSizeGrowth` registers itself at ``setup``; ``monitor.growth`` is then it.
+        """
+        if not any(f is follower for f in self._followers):
+            self._followers.append(follower)
+        if isinstance(follower, BatchSizeGrowth):
+            self.growth = follower
+
     @property
     def is_preconditioned(self) -> bool:
         """Whether the measured (and logged) noise scale is the preconditioned one; resolved at fit start."""
@@ -338,8 +360,11 @@ class NoiseScaleMonitor(Callback):
             )
         world = self._world_size = trainer.world_size
         accumulate = trainer.accumulate_grad_batches
-        if self.growth is not None:
-            self.growth.setup(trainer)
+        growth = self._owned_growth
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        if growth is not None and not any(c is growth for c in callbacks):
+            # Right after the monitor: Lightning calls its setup in this same round of hooks.
+            callbacks.insert(next(i for i, c in enumerate(callbacks) if c is self) + 1, growth)
         name = self._resolve_source(world, accumulate)
         if self.source_name == "auto":
             rank_zero_info(
@@ -400,13 +425,9 @@ class NoiseScaleMonitor(Callback):
         strategy = trainer.strategy
         if not isinstance(strategy, DDPStrategy):
             raise MisconfigurationException("source='ddp' needs a DDP strategy: `Trainer(strategy='ddp', ...)`.")
-        # Lightning registers `_ddp_comm_hook` itself on CUDA only; compose with what the user set there.
-        inner = strategy._ddp_comm_hook
-        if inner is not None and strategy._ddp_comm_wrapper is not None:
-            inner = strategy._ddp_comm_wrapper(inner)
-        source = DDPSource(world_size=world, loss_divisor=accumulate, inner_hook=inner, loss_reduction=reduction)
-        strategy._ddp_comm_hook = source.comm_hook
-        strategy._ddp_comm_wrapper = None
+        # Lightning registers the strategy's comm hook itself on CUDA only; compose with what the user set there.
+        source = DDPSource(world_size=world, loss_divisor=accumulate, loss_reduction=reduction)
+        source.inner_hook = replace_ddp_comm_hook(strategy, source.comm_hook)
         self._comm_hook_registered_by_lightning = strategy.root_device.type == "cuda"
         return source
 
@@ -459,10 +480,7 @@ class NoiseScaleMonitor(Callback):
             if not self._comm_hook_registered_by_lightning and isinstance(strategy, DDPStrategy):
                 ddp_model = strategy.model
                 assert isinstance(ddp_model, DistributedDataParallel)  # DDPStrategy.setup wrapped it
-                ddp_model.register_comm_hook(strategy._ddp_comm_state, self._source.comm_hook)
-        if self.growth is not None:
-            self._check_micro_batch_cap(trainer)
-            self.growth.on_train_start(trainer, self._source, self.horizon_examples)
+                ddp_model.register_comm_hook(ddp_comm_state(strategy), self._source.comm_hook)
         self._num_train_loaders = len(_leaves(trainer.train_dataloader))
         if self.finite_population:
             self.population_size = _training_set_size(trainer)
@@ -474,9 +492,8 @@ class NoiseScaleMonitor(Callback):
             )
         # What the numbers mean, for whoever reads the logs later (`lightning-gns report` does).
         described: dict[str, Any] = {SOURCE_HPARAM: self._source.name if self._source is not None else "none"}
-        if self.growth is not None:
-            described[LR_SCALING_HPARAM] = self.growth.rule
-            described["growth_policy"] = self.growth.scheduler.policy if self.growth.scheduler else "none"
+        for follower in self._followers:
+            described.update(follower.hparams())
         for logger in trainer.loggers:
             logger.log_hyperparams(described)
             if isinstance(logger, TensorBoardLogger):
@@ -486,32 +503,17 @@ class NoiseScaleMonitor(Callback):
                     hparams_file = os.path.join(logger.log_dir, TensorBoardLogger.NAME_HPARAMS_FILE)
                     save_hparams_to_yaml(hparams_file, logger.hparams)
 
-    def _check_micro_batch_cap(self, trainer: pl.Trainer) -> None:
-        """A memory cap below the micro-batch the run starts with would be exceeded from the first batch."""
-        assert self.growth is not None
-        cap = self.growth.max_micro_batch_size
-        start = getattr(trainer.train_dataloader, "batch_size", None)
-        if cap is not None and isinstance(start, int) and start > cap:
-            raise MisconfigurationException(
-                f"`max_micro_batch_size={cap}` is below the training dataloader's batch_size={start}, the micro-batch "
-                f"the run starts with: the first batches would already exceed the cap. Build the dataloader with "
-                f"batch_size <= {cap} (and `Trainer(accumulate_grad_batches=...)` for the same batch per step), or "
-                "raise the cap."
-            )
-
     def _tensorboard_layout(self) -> dict[str, dict[str, list[Any]]]:
-        key = self.log_key_prefix
+        def keys(*names: str) -> list[str]:
+            return [f"{self.log_key_prefix}{name}" for name in names]
+
         charts: dict[str, list[Any]] = {
-            "B_simple (with its band)": ["Margin", [f"{key}b_simple", f"{key}b_simple_lower", f"{key}b_simple_upper"]],
-            "B_crit suggestion and batch size": ["Multiline", [f"{key}b_crit", f"{key}batch_size"]],
-            "|G|² and tr(Σ)": ["Multiline", [f"{key}grad_sq_norm", f"{key}trace_sigma"]],
+            "B_simple (with its band)": ["Margin", keys(tags.B_SIMPLE, tags.B_SIMPLE_LOWER, tags.B_SIMPLE_UPPER)],
+            "B_crit suggestion and batch size": ["Multiline", keys(tags.B_CRIT, tags.BATCH_SIZE)],
+            "|G|² and tr(Σ)": ["Multiline", keys(tags.GRAD_SQ_NORM, tags.TRACE_SIGMA)],
         }
-        if self.growth is not None:
-            charts["batch-size growth: sizes"] = [
-                "Multiline",
-                [f"{key}batch_size", f"{key}batch_size_target", f"{key}micro_batch_size"],
-            ]
-            charts["batch-size growth: learning rate"] = ["Multiline", [f"{key}lr", f"{key}lr_scale"]]
+        for follower in self._followers:
+            charts.update(follower.tensorboard_charts(self.log_key_prefix))
         return {"gradient noise scale": charts}
 
     @override
@@ -522,8 +524,6 @@ class NoiseScaleMonitor(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._source is not None:
             self._source.detach()
-        if stage == "fit" and self.growth is not None:
-            self.growth.teardown()
 
     # -- per step -------------------------------------------------------------------------------------------------
 
@@ -531,23 +531,9 @@ class NoiseScaleMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.growth is not None:
-            self.growth.on_train_batch_start(trainer, self._source, batch_idx)
         self._batch_examples = _examples_in(batch, trainer.train_dataloader)
         if self._source is not None:
             self._source.batch_start(self._batch_examples)
-
-    @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.growth is not None:
-            self.growth.on_train_epoch_start(trainer)
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self.growth is not None:
-            self.growth.on_train_batch_end(trainer, batch_idx)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -690,7 +676,7 @@ class NoiseScaleMonitor(Callback):
             # Fixed once, from the first step: a batch size that grows later keeps the same history in examples.
             first = float(norms.batch_big)  # one host sync, once per run (and per leading step with no data)
             if first > 0:
-                self.horizon_examples = DEFAULT_HORIZON_STEPS * first
+                self.horizon_examples = tags.DEFAULT_HORIZON_STEPS * first
         device = norms.sq_norm_big.device
         if self._ema is None:
             self._ema = ema_init(dtype=torch.float32, device=device)
@@ -754,42 +740,32 @@ class NoiseScaleMonitor(Callback):
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         estimates = self.estimates
-        keys = (
-            "b_simple",
-            "b_simple_lower",
-            "b_simple_upper",
-            "b_simple_std",
-            "trace_sigma",
-            "grad_sq_norm",
-            "b_crit",
-            "batch_size",
-            "examples",
-        )
+        keys = tags.ESTIMATES
         # The only host sync of the monitor, once per logging period.
         counts = [self._num_skipped.double(), self._steps_since_estimate.to(self._num_skipped).double()]
         values = torch.stack([estimates[k].double() for k in keys] + counts).tolist()
-        names = (*keys, "num_skipped", "steps_since_estimate")
+        names = (*keys, *tags.COUNTS)
         metrics = {f"{self.log_key_prefix}{k}": v for k, v in zip(names, values, strict=True)}
         self._warn_if_frozen(values[-1])
         if self.horizon_examples is not None:
-            metrics[f"{self.log_key_prefix}horizon_examples"] = float(self.horizon_examples)
-        metrics[f"{self.log_key_prefix}preconditioned"] = float(self.is_preconditioned)
+            metrics[f"{self.log_key_prefix}{tags.HORIZON_EXAMPLES}"] = float(self.horizon_examples)
+        metrics[f"{self.log_key_prefix}{tags.PRECONDITIONED}"] = float(self.is_preconditioned)
         if self._layer_ema is not None and isinstance(self._source, PerExampleSource):
             layer_b_simple = ema_compute(self._layer_ema, self.confidence)["b_simple"].tolist()
             for name, value in zip(self._source.layer_names, layer_b_simple, strict=True):
-                metrics[f"{self.log_key_prefix}layer/{name}/b_simple"] = value
-        if self.growth is not None:
-            metrics.update({f"{self.log_key_prefix}{k}": v for k, v in self.growth.logged().items()})
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+                metrics[f"{self.log_key_prefix}{tags.layer_b_simple(name)}"] = value
+        for follower in self._followers:
+            metrics.update({f"{self.log_key_prefix}{k}": v for k, v in follower.logged().items()})
+        step = batches_that_stepped(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         if self.prog_bar:
-            pl_module.log(
-                f"{self.log_key_prefix}b_simple", metrics[f"{self.log_key_prefix}b_simple"], prog_bar=True, logger=False
-            )
-        if self.growth is not None:
-            # Every rank is here (logging steps are shared), as the decision's collective needs.
-            self.growth.decide(trainer, {k: metrics[f"{self.log_key_prefix}{k}"] for k in keys})
+            key = f"{self.log_key_prefix}{tags.B_SIMPLE}"
+            pl_module.log(key, metrics[key], prog_bar=True, logger=False)
+        # Every rank is here (logging steps are shared), as a follower's collective needs.
+        logged = MappingProxyType({k: metrics[f"{self.log_key_prefix}{k}"] for k in keys})
+        for follower in self._followers:
+            follower.on_estimates_logged(trainer, logged)
 
     def _warn_if_frozen(self, since: float) -> None:
         """Warn once when a whole logging period (of 10+ steps) was skipped; again only after a recovery."""
@@ -819,7 +795,7 @@ class NoiseScaleMonitor(Callback):
         return {
             "horizon_examples": self.horizon_examples,
             "ema": None if self._ema is None else {k: v.detach().cpu() for k, v in self._ema._asdict().items()},
-            "metric": {name: getattr(self.metric, name).detach().cpu() for name in self.metric._defaults},
+            "metric": {name: getattr(self.metric, name).detach().cpu() for name in self.metric._state_names()},
             "num_skipped": self._num_skipped.detach().cpu(),
             "steps_since_estimate": self._steps_since_estimate.detach().cpu(),
             "examples_seen": self._examples_seen.detach().cpu(),
@@ -829,8 +805,8 @@ class NoiseScaleMonitor(Callback):
             else {k: v.detach().cpu() for k, v in self._layer_ema._asdict().items()},
             "layer_metric": None
             if self.layer_metric is None
-            else {name: getattr(self.layer_metric, name).detach().cpu() for name in self.layer_metric._defaults},
-            "growth": None if self.growth is None else self.growth.state_dict(),
+            else {name: getattr(self.layer_metric, name).detach().cpu() for name in self.layer_metric._state_names()},
+            "growth": None if self._owned_growth is None else self._owned_growth.growth_state(),
         }
 
     @override
@@ -853,8 +829,8 @@ class NoiseScaleMonitor(Callback):
         self._restored_preconditioned = state_dict.get("preconditioned")
         layer_ema = state_dict.get("layer_ema")
         self._layer_ema = None if layer_ema is None else NoiseScaleEMA(**layer_ema)
-        if state_dict.get("growth") is not None and self.growth is not None:
-            self.growth.load_state_dict(state_dict["growth"])
+        if state_dict.get("growth") is not None and self._owned_growth is not None:
+            self._owned_growth._restored = state_dict["growth"]
         if state_dict.get("layer_metric") is not None and self.layer_metric is not None:
             for name, value in state_dict["layer_metric"].items():
                 setattr(self.layer_metric, name, value.clone())
@@ -885,34 +861,6 @@ def _is_number(value: Any) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_growth_options(
-    grow: bool,
-    policy: str,
-    max_batch_size: int | None,
-    max_micro_batch_size: int | None,
-    min_examples_between_changes: float | None,
-) -> None:
-    """The batch-size growth options, checked when the monitor is built rather than when the fit starts."""
-    if policy not in _GROWTH_POLICIES:
-        raise MisconfigurationException(
-            f"Expected `growth_policy` to be one of {_GROWTH_POLICIES}, but got {policy!r}."
-        )
-    for name, value in (("max_batch_size", max_batch_size), ("max_micro_batch_size", max_micro_batch_size)):
-        if value is not None and not (_is_int(value) and value >= 1):
-            raise MisconfigurationException(f"Expected `{name}` to be an int >= 1 or None, but got {value!r}.")
-    wait = min_examples_between_changes
-    if wait is not None and not (_is_number(wait) and 0 <= wait < math.inf):
-        raise MisconfigurationException(
-            f"Expected `min_examples_between_changes` to be a finite number >= 0 or None (half the smoothing "
-            f"horizon), but got {wait!r}."
-        )
-    if not grow and (max_micro_batch_size is not None or wait is not None or policy != "b_crit"):
-        raise MisconfigurationException(
-            "`growth_policy`, `max_micro_batch_size` and `min_examples_between_changes` act only with "
-            "`grow_batch_size=True`: turn it on, or drop them."
-        )
 
 
 def _refuse_compiled(pl_module: pl.LightningModule, chosen: bool) -> None:
@@ -992,8 +940,4 @@ def _training_set_size(trainer: pl.Trainer) -> int | None:
 
 def _loss_scale(trainer: pl.Trainer) -> Tensor | None:
     """The GradScaler's current scale as a tensor (no sync), or None when gradients are not scaled."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return None
-    # `_scale` is the tensor behind `get_scale()`, which would sync with the host.
-    return scaler._scale
+    return grad_scaler_scale(getattr(trainer.precision_plugin, "scaler", None))

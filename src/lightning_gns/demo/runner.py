@@ -1,7 +1,7 @@
 """The demo: train the bundled tasks with a :class:`~lightning_gns.NoiseScaleMonitor` and print what it measured.
 
 Each task is the YAML config of the same name in ``configs/`` (shipped in this package, see :func:`config_path`),
-run through :class:`~lightning_gns.cli.GNSLightningCLI`: ``lightning-gns demo`` trains exactly what
+run through :class:`~lightning_gns.lightning_cli.GNSLightningCLI`: ``lightning-gns demo`` trains exactly what
 ``lightning-gns fit --config configs/<task>.yaml`` trains, with a few overrides (steps, batch size, seed, where
 the logs go) and a callback that keeps the history for the printed table.
 """
@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_gns.callbacks.noise_scale_monitor import NoiseScaleMonitor
 from lightning_gns.functional import suggested_batch_size
+from lightning_gns.lightning_cli import GNSLightningCLI
 
 Task = Literal["digits", "charlm"]
 TASKS: tuple[Task, ...] = ("digits", "charlm")
@@ -121,8 +122,6 @@ def run_task(
     Raises:
         ValueError: if the task's config has no :class:`~lightning_gns.NoiseScaleMonitor` among its callbacks.
     """
-    from lightning_gns.cli import GNSLightningCLI
-
     config = demo_config(task, out_dir, max_steps, batch_size, seed, progress_bar)
     cli = GNSLightningCLI(args=config, run=False)
     trainer = cli.trainer

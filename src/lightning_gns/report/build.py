@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lightning_gns import tags
 from lightning_gns.report.reading import LogChoice, read_run
 from lightning_gns.report.render import document, to_html, to_markdown
 from lightning_gns.report.summary import summarize
@@ -17,7 +18,7 @@ def make_report(
     run_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str] | None = None,
     logs: LogChoice = "auto",
-    prefix: str = "gns/",
+    prefix: str = tags.DEFAULT_PREFIX,
 ) -> Path:
     r"""Write the noise-scale report of a run: figures (PNG), ``report.md`` and ``report.html``.
 
@@ -73,7 +74,7 @@ def make_report(
         (out / f"{stem}.png").unlink(missing_ok=True)
 
     drawn = {"b_simple": figures.plot_b_simple(log, out / "b_simple.png")}
-    if log.get("grad_sq_norm") is not None or log.get("trace_sigma") is not None:
+    if log.get(tags.GRAD_SQ_NORM) is not None or log.get(tags.TRACE_SIGMA) is not None:
         drawn["noise"] = figures.plot_noise_components(log, out / "noise.png")
     if log.layer_names:
         drawn["layers"] = figures.plot_layers(log, out / "layers.png")

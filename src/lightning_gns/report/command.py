@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lightning_gns import tags
 from lightning_gns.report.reading import LOG_CHOICES
 
 HELP = "plots and a report (report.md, report.html) from a run's TensorBoard or CSV logs"
@@ -26,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="which logs to read: auto (TensorBoard if any, else CSV), tensorboard or csv",
     )
-    parser.add_argument("--prefix", default="gns/", help="the monitor's log_key_prefix (default: gns/)")
+    parser.add_argument(
+        "--prefix", default=tags.DEFAULT_PREFIX, help=f"the monitor's log_key_prefix (default: {tags.DEFAULT_PREFIX})"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
+from lightning_gns import tags
 from lightning_gns.report.reading import RunLog, Series
 from lightning_gns.report.summary import RunSummary, format_number, nominal_batch_sizes
 
@@ -69,12 +70,12 @@ def plot_b_simple(log: RunLog, path: Path) -> FigureFile:
     The y axis is logarithmic. Where the interval's upper end is above the axis (it is ``+inf`` while |G|² is not
     resolved) the band is clipped at the top of the axis and marked ▲; a lower end ≤ 0 is clipped at the bottom.
     """
-    b_simple = log.get("b_simple")
+    b_simple = log.get(tags.B_SIMPLE)
     assert b_simple is not None
     steps = b_simple.steps
     values = b_simple.values
     lower, upper, batch, b_crit = (
-        _on(log.get(name), steps) for name in ("b_simple_lower", "b_simple_upper", "batch_size", "b_crit")
+        _on(log.get(name), steps) for name in (tags.B_SIMPLE_LOWER, tags.B_SIMPLE_UPPER, tags.BATCH_SIZE, tags.B_CRIT)
     )
     shown = [_positive(v) for v in (values, lower, batch, b_crit)]
     positive = np.concatenate([v[np.isfinite(v)] for v in shown])
@@ -113,7 +114,7 @@ def plot_b_simple(log: RunLog, path: Path) -> FigureFile:
     draw_crit = bool(np.isfinite(b_crit).any()) and not np.allclose(b_crit, values, equal_nan=True)
     b_simple_label = "B_simple (smoothed)" + ("" if draw_crit else " = suggested batch (b_crit)")
 
-    examples = log.get("examples")
+    examples = log.get(tags.EXAMPLES)
     axes_x: list[tuple[np.ndarray, str]] = []
     if examples is not None:
         axes_x.append((examples.on(steps), f"examples seen ({log.prefix}examples)"))
@@ -174,7 +175,7 @@ def plot_noise_components(log: RunLog, path: Path) -> FigureFile:
     ax = figure.subplots()
     notes = []
     drawn = False
-    for name, label, color in (("grad_sq_norm", "|G|²", "C1"), ("trace_sigma", "tr(Σ)", "C4")):
+    for name, label, color in ((tags.GRAD_SQ_NORM, "|G|²", "C1"), (tags.TRACE_SIGMA, "tr(Σ)", "C4")):
         series = log.get(name)
         if series is None:
             notes.append(f"`{log.prefix}{name}` was not logged")
@@ -209,7 +210,7 @@ def plot_layers(log: RunLog, path: Path) -> FigureFile:
     Cells where the layer's B_simple is undefined (NaN, or ≤ 0) are grey.
     """
     names = log.layer_names
-    series = [log.scalars[f"{log.prefix}layer/{name}/b_simple"] for name in names]
+    series = [log.scalars[log.prefix + tags.layer_b_simple(name)] for name in names]
     steps = np.unique(np.concatenate([s.steps for s in series]))
     grid = np.stack([_positive(s.on(steps, exact=True)) for s in series])
     finite = grid[np.isfinite(grid)]
@@ -348,7 +349,7 @@ def plot_tradeoff(summary: RunSummary, path: Path) -> FigureFile:
 
 def plot_batch_size(log: RunLog, path: Path) -> FigureFile:
     """The batch size used over training, with the learning rate on a second axis when it was logged."""
-    batch = log.get("batch_size")
+    batch = log.get(tags.BATCH_SIZE)
     assert batch is not None
     figure = _figure("batch_size")
     ax = figure.subplots()
@@ -360,7 +361,7 @@ def plot_batch_size(log: RunLog, path: Path) -> FigureFile:
     ax.set_ylabel("batch size (examples per step)")
     ax.grid(True, which="both", alpha=0.25)
     handles, labels = ax.get_legend_handles_labels()
-    lr = log.get("lr")
+    lr = log.get(tags.LR)
     if lr is not None:
         twin = ax.twinx()
         twin.plot(lr.steps, lr.values, drawstyle="steps-post", color="C0", linestyle="--", label="learning rate")

@@ -19,6 +19,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from lightning_gns import tags
 from lightning_gns.report.errors import ReportError
 
 LogKind = Literal["tensorboard", "csv"]
@@ -76,7 +77,7 @@ class RunLog:
     files: tuple[Path, ...]
     scalars: Mapping[str, Series]
     hparams: Mapping[str, Any] = field(default_factory=dict)
-    prefix: str = "gns/"
+    prefix: str = tags.DEFAULT_PREFIX
     same_run: tuple[Path, ...] = ()
     also_found: tuple[Path, ...] = ()
 
@@ -92,11 +93,11 @@ class RunLog:
     @property
     def layer_names(self) -> list[str]:
         """The layers with a per-layer B_simple (``prefix + "layer/<name>/b_simple"``), in logged order."""
-        head, tail = self.prefix + "layer/", "/b_simple"
+        head, tail = self.prefix + tags.LAYER_HEAD, tags.LAYER_TAIL
         return [tag[len(head) : -len(tail)] for tag in self.scalars if tag.startswith(head) and tag.endswith(tail)]
 
 
-def read_run(run_dir: str | os.PathLike[str], logs: LogChoice = "auto", prefix: str = "gns/") -> RunLog:
+def read_run(run_dir: str | os.PathLike[str], logs: LogChoice = "auto", prefix: str = tags.DEFAULT_PREFIX) -> RunLog:
     r"""Find the run's logs under ``run_dir`` (searched recursively) and read them.
 
     ``run_dir`` may be a logger's version directory, any parent of one, or a log file itself. Every log directory
@@ -124,7 +125,7 @@ def read_run(run_dir: str | os.PathLike[str], logs: LogChoice = "auto", prefix: 
         >>> run = pathlib.Path(tempfile.mkdtemp())
         >>> _ = (run / "metrics.csv").write_text("gns/b_simple,gns/batch_size,step\n40.5,32,9\n,,10\n52.0,32,19\n")
         >>> log = read_run(run)
-        >>> log.kind, log.get("b_simple").steps.tolist(), log.last("b_simple")
+        >>> log.kind, log.get(tags.B_SIMPLE).steps.tolist(), log.last(tags.B_SIMPLE)
         ('csv', [9, 19], 52.0)
     """
     if logs not in LOG_CHOICES:
@@ -149,7 +150,7 @@ def read_run(run_dir: str | os.PathLike[str], logs: LogChoice = "auto", prefix: 
             " — was the monitor in the Trainer's callbacks, with a logger, for at least one logging period?"
         )
     for log in tagged:
-        if log.get("b_simple") is None:
+        if log.get(tags.B_SIMPLE) is None:
             raise ReportError(
                 f"{log.files[0]}: `{prefix}` tags but no `{prefix}b_simple`; expected NoiseScaleMonitor's scalars"
             )

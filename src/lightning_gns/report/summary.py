@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lightning_gns.callbacks.batch_size_growth import DEFAULT_HORIZON_STEPS
-from lightning_gns.callbacks.noise_scale_monitor import LR_SCALING_HPARAM, SOURCE_HPARAM
+from lightning_gns import tags
 from lightning_gns.functional.noise_scale import relative_examples, relative_steps, suggested_batch_size
 from lightning_gns.report.reading import RunLog, Series, find_hparam
 
@@ -123,7 +122,7 @@ def summarize(log: RunLog) -> RunSummary:
         >>> [(row.batch_size, row.steps_ratio) for row in summary.trade_off if row.batch_size in (16, 32, 64)]
         [(16, 4.0), (32, 2.5), (64, 1.75)]
     """
-    b_simple = log.get("b_simple")
+    b_simple = log.get(tags.B_SIMPLE)
     assert b_simple is not None  # read_run refuses logs without it
     step = int(b_simple.steps[-1])
 
@@ -131,16 +130,16 @@ def summarize(log: RunLog) -> RunSummary:
         series = log.get(name)
         return math.nan if series is None else series.at(step)
 
-    b_crit = at("b_crit")
+    b_crit = at(tags.B_CRIT)
     suggestion = Suggestion(
         step=step,
-        examples=at("examples"),
+        examples=at(tags.EXAMPLES),
         b_crit=b_crit if not math.isnan(b_crit) else b_simple.last(),
         b_simple=b_simple.last(),
-        lower=at("b_simple_lower"),
-        upper=at("b_simple_upper"),
+        lower=at(tags.B_SIMPLE_LOWER),
+        upper=at(tags.B_SIMPLE_UPPER),
     )
-    batch = log.get("batch_size")
+    batch = log.get(tags.BATCH_SIZE)
     batch_size, short_batches = math.nan, 0
     if batch is not None:
         nominal, short_batches = nominal_batch_sizes(batch)
@@ -153,7 +152,7 @@ def summarize(log: RunLog) -> RunSummary:
         short_batches=short_batches,
         horizon_examples=horizon,
         horizon_text=horizon_text,
-        num_skipped=at("num_skipped"),
+        num_skipped=at(tags.NUM_SKIPPED),
         gradient_source=_gradient_source(log),
         lr_text=_lr_rule(log, batch_changed=bool(history)),
         batch_history=history,
@@ -163,26 +162,26 @@ def summarize(log: RunLog) -> RunSummary:
 
 def _horizon(log: RunLog) -> tuple[float | None, str]:
     """The moving average's horizon in examples: logged, in the hparams, or not recorded (and what is known)."""
-    logged = log.last("horizon_examples")
+    logged = log.last(tags.HORIZON_EXAMPLES)
     if math.isfinite(logged):
         return logged, f"{format_number(logged)} examples (logged as `{log.prefix}horizon_examples`)"
-    hparam = find_hparam(log.hparams, "horizon_examples")
+    hparam = find_hparam(log.hparams, tags.HORIZON_HPARAM)
     if isinstance(hparam, int | float) and not isinstance(hparam, bool) and hparam > 0:
         return float(hparam), f"{format_number(hparam)} examples (`horizon_examples` in hparams.yaml)"
-    batch = log.get("batch_size")
+    batch = log.get(tags.BATCH_SIZE)
     text = f"not recorded in the logs (no `{log.prefix}horizon_examples` tag or `horizon_examples` hparam)"
     if batch is not None and len(batch.values):
         first = float(batch.values[0])
         text += (
-            f"; with the monitor's default it is {DEFAULT_HORIZON_STEPS} steps' worth of examples at the first "
-            f"step's batch size: ≈ {format_number(DEFAULT_HORIZON_STEPS * first)} examples if that was "
+            f"; with the monitor's default it is {tags.DEFAULT_HORIZON_STEPS} steps' worth of examples at the first "
+            f"step's batch size: ≈ {format_number(tags.DEFAULT_HORIZON_STEPS * first)} examples if that was "
             f"{format_number(first)} (the first logged batch size)"
         )
     return None, text
 
 
 def _gradient_source(log: RunLog) -> str:
-    source = find_hparam(log.hparams, SOURCE_HPARAM)
+    source = find_hparam(log.hparams, tags.SOURCE_HPARAM)
     if isinstance(source, str):
         return f"`{source}` (from hparams.yaml)"
     if log.layer_names:
@@ -193,10 +192,10 @@ def _gradient_source(log: RunLog) -> str:
 def _lr_rule(log: RunLog, batch_changed: bool) -> str:
     """The learning-rate rule in force: from a scheduler's tags and hparams, else fixed or not recorded."""
     parts = []
-    rule = find_hparam(log.hparams, LR_SCALING_HPARAM)
+    rule = find_hparam(log.hparams, tags.LR_SCALING_HPARAM)
     if rule is not None:
         parts.append(f"rule `{rule}` (hparams.yaml)")
-    lr, scale, batch = log.get("lr"), log.get("lr_scale"), log.get("batch_size")
+    lr, scale, batch = log.get(tags.LR), log.get(tags.LR_SCALE), log.get(tags.BATCH_SIZE)
     if lr is not None and len(lr.values):
         first, last = float(lr.values[0]), float(lr.values[-1])
         if np.allclose(lr.values, first, rtol=1e-6, atol=0):
@@ -263,13 +262,13 @@ def batch_history(log: RunLog) -> list[BatchSizeChange]:
 
     Short last batches of epochs are not changes (:func:`nominal_batch_sizes`).
     """
-    batch = log.get("batch_size")
+    batch = log.get(tags.BATCH_SIZE)
     if batch is None or len(batch.values) < 2:
         return []
     nominal, _ = nominal_batch_sizes(batch)
     if np.ptp(nominal) == 0:
         return []
-    examples, lr, accumulate = log.get("examples"), log.get("lr"), log.get("accumulate_grad_batches")
+    examples, lr, accumulate = log.get(tags.EXAMPLES), log.get(tags.LR), log.get(tags.ACCUMULATE_GRAD_BATCHES)
     keep = np.flatnonzero(np.r_[True, np.diff(nominal) != 0])
     return [
         BatchSizeChange(

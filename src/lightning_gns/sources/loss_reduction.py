@@ -7,6 +7,8 @@ from typing import Literal, NamedTuple
 
 from torch import Tensor
 
+from lightning_gns._compat.autograd import saved_operand, saved_reduction
+
 __all__ = ["LossReduction", "ReductionInGraph", "check_loss_reduction", "infer_loss_reduction", "reduction_in_graph"]
 
 LossReduction = Literal["mean", "sum"]
@@ -55,10 +57,10 @@ def reduction_in_graph(loss: Tensor, max_depth: int = 16) -> ReductionInGraph:
     that needs no gradient), casts and negations. Reading a constant tensor's value syncs with its device: this
     is meant to run once, at the first backward pass.
 
-    PRIVATE AUTOGRAD API: node class names and their ``_saved_*`` attributes are not a public interface of torch
-    (checked against torch 2.13); this function is the only place in the project that reads them for the loss,
-    so that a torch upgrade that renames them costs one function. An unknown node ends the walk with
-    ``reduction=None``, never an error.
+    Node class names and what the nodes saved are not a public interface of torch: the saved values are read
+    through :mod:`lightning_gns._compat.autograd` (checked on torch 2.5-2.13), so that a torch upgrade that
+    renames them costs one function there. An unknown node ends the walk with ``reduction=None``, never an
+    error.
     """
     node = loss.grad_fn
     factor = 1.0
@@ -66,13 +68,13 @@ def reduction_in_graph(loss: Tensor, max_depth: int = 16) -> ReductionInGraph:
         if node is None:
             return ReductionInGraph(None, factor, "None")
         name = type(node).__name__
-        saved_reduction = getattr(node, "_saved_reduction", None)
+        reduction = saved_reduction(node)
         if name in ("SumBackward0", "SumBackward1"):
             return ReductionInGraph("sum", factor, name)
         if name in ("MeanBackward0", "MeanBackward1"):
             return ReductionInGraph("mean", factor, name)
-        if isinstance(saved_reduction, int):
-            return ReductionInGraph(_SAVED_REDUCTION.get(saved_reduction), factor, name)
+        if reduction is not None:
+            return ReductionInGraph(_SAVED_REDUCTION.get(reduction), factor, name)
         inputs = [next_node for next_node, _ in node.next_functions if next_node is not None]
         if name in _PASS_THROUGH or name == _NEGATE:
             factor = -factor if name == _NEGATE else factor
@@ -81,7 +83,7 @@ def reduction_in_graph(loss: Tensor, max_depth: int = 16) -> ReductionInGraph:
             loss_is_self = node.next_functions[0][0] is not None
             if name.startswith("Div") and not loss_is_self:
                 return ReductionInGraph(None, factor, name)  # c / x is no constant factor
-            constant = getattr(node, "_saved_other" if loss_is_self else "_saved_self", None)
+            constant = saved_operand(node, "other" if loss_is_self else "self")
             if isinstance(constant, Tensor):
                 if constant.numel() != 1:
                     return ReductionInGraph(None, factor, name)

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_gns._compat.tensors import fused_norms
+
 __all__ = ["AdamPreconditioner", "Preconditioner", "is_adam_family", "weighted_grad_sq_norms", "weighted_sq_norm"]
 
 Preconditioner = Callable[[Tensor], Tensor | None]
@@ -117,7 +119,7 @@ def weighted_grad_sq_norms(params: Iterable[nn.Parameter], preconditioner: Preco
     grads = [p.grad for p in with_grad if p.grad is not None]
     if preconditioner is None and not any(_dot_is_fastest(g) or g.layout != torch.strided for g in grads):
         # One fused kernel per dtype group.
-        return [n.float().square() for n in torch._foreach_norm(grads)]
+        return [n.float().square() for n in fused_norms(grads)]
     return [
         weighted_sq_norm(grad, None if preconditioner is None else preconditioner(p)).float()
         for p, grad in zip(with_grad, grads, strict=True)

@@ -1,0 +1,230 @@
+"""The private torch and Lightning internals of `lightning_gns._compat`, one test per function.
+
+Each test pins what the function returns on the installed versions, so that a torch or Lightning upgrade that
+moves an internal fails here, in one named place, rather than deep in a monitor run.
+"""
+
+import datetime
+import importlib
+import inspect
+import pkgutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader
+
+import lightning_gns._compat as compat
+from lightning_gns._compat.amp import grad_scaler_scale
+from lightning_gns._compat.autograd import saved_operand, saved_reduction
+from lightning_gns._compat.dynamo import compiled_parts
+from lightning_gns._compat.lightning import (
+    LightningInternalsError,
+    batches_that_stepped,
+    ddp_comm_state,
+    replace_ddp_comm_hook,
+    replace_train_dataloaders,
+    restart_train_fetcher,
+    set_train_fetcher_length,
+    train_dataloaders,
+    validates_by_time,
+)
+from lightning_gns._compat.tensors import fused_norms
+
+
+def _compat_functions():
+    for info in pkgutil.iter_modules(compat.__path__):
+        module = importlib.import_module(f"{compat.__name__}.{info.name}")
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isfunction(obj):
+                yield module.__name__, name, obj
+
+
+def test_every_compat_function_says_where_it_was_checked_and_has_a_test():
+    source = Path(__file__).read_text()
+    functions = list(_compat_functions())
+    assert len(functions) >= 10
+    for module, name, function in functions:
+        assert "Checked on" in (function.__doc__ or ""), f"{module}.{name}: say which versions it was checked on"
+        assert f"def test_{name}" in source, f"{module}.{name} has no `test_{name}` in tests/test_compat.py"
+
+
+# -- torch ------------------------------------------------------------------------------------------------------
+
+
+def test_compiled_parts():
+    net = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)))
+    assert compiled_parts(net) == []
+    net[1] = torch.compile(net[1])
+    assert compiled_parts(net) == ["1"]
+    assert compiled_parts(torch.compile(net)) == ["(model)"]
+
+
+def test_grad_scaler_scale():
+    assert grad_scaler_scale(None) is None
+    assert grad_scaler_scale(torch.amp.GradScaler("cpu", enabled=False)) is None
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    assert grad_scaler_scale(scaler) is None  # nothing scaled yet
+    scaler.scale(torch.ones(()))
+    scale = grad_scaler_scale(scaler)
+    assert isinstance(scale, torch.Tensor)
+    assert scale.item() == 16.0
+
+
+def test_fused_norms():
+    tensors = [torch.randn(3, 4), torch.randn(5, dtype=torch.float64), torch.zeros(2)]
+    norms = fused_norms(tensors)
+    assert len(norms) == 3
+    for norm, tensor in zip(norms, tensors, strict=True):
+        assert norm.dtype == tensor.dtype
+        torch.testing.assert_close(norm, torch.linalg.vector_norm(tensor))
+
+
+def test_saved_reduction():
+    x, target = torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 2, 0])
+    assert saved_reduction(F.cross_entropy(x, target).grad_fn) == 1
+    assert saved_reduction(F.cross_entropy(x, target, reduction="sum").grad_fn) == 2
+    assert saved_reduction(F.mse_loss(x, torch.zeros(4, 3)).grad_fn) == 1
+    assert saved_reduction(F.binary_cross_entropy_with_logits(x, torch.ones(4, 3), reduction="sum").grad_fn) == 2
+    assert saved_reduction(x.mean().grad_fn) is None
+    assert saved_reduction(None) is None
+
+
+def test_saved_operand():
+    x = torch.ones(3, requires_grad=True)
+    assert saved_operand((x.sum() / 4).grad_fn, "other") == 4
+    assert saved_operand((x.sum() * 0.5).grad_fn, "other") == 0.5
+    constant = torch.tensor(3.0)
+    assert torch.equal(saved_operand((constant * x.sum()).grad_fn, "self"), constant)
+    assert torch.equal(saved_operand((x.sum() * constant).grad_fn, "other"), constant)
+    assert saved_operand(x.sum().grad_fn, "other") is None
+    with pytest.raises(ValueError, match="`which` to be 'self' or 'other'"):
+        saved_operand(x.sum().grad_fn, "left")
+
+
+# -- Lightning --------------------------------------------------------------------------------------------------
+
+
+def _hook(state, bucket):
+    return bucket
+
+
+def _wrapper(hook):
+    def wrapped(state, bucket):
+        return hook(state, bucket)
+
+    wrapped.wraps = hook
+    return wrapped
+
+
+def test_ddp_comm_state():
+    state = object()
+    assert ddp_comm_state(DDPStrategy(ddp_comm_state=state)) is state
+    assert ddp_comm_state(DDPStrategy()) is None
+
+
+def test_replace_ddp_comm_hook():
+    strategy = DDPStrategy(ddp_comm_hook=_hook, ddp_comm_wrapper=_wrapper)
+    mine = _hook.__get__  # any other callable
+    inner = replace_ddp_comm_hook(strategy, mine)
+    assert inner.wraps is _hook  # the user's hook, its wrapper applied
+    assert replace_ddp_comm_hook(strategy, _hook) is mine  # ours is now the strategy's, without a wrapper
+    assert replace_ddp_comm_hook(DDPStrategy(), _hook) is None
+
+
+def test_lightning_internals_error_names_the_internal():
+    class NoFetcher:
+        fit_loop = object()
+
+    with pytest.raises(LightningInternalsError, match=r"private `_FitLoop._data_fetcher`.*checked on Lightning 2\.6"):
+        restart_train_fetcher(NoFetcher())  # type: ignore[arg-type]
+
+
+class _Probe(Callback):
+    """Calls the fit-loop functions from inside a fit, where Lightning's internals are set up."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_start(self, trainer, pl_module):
+        (loader,) = train_dataloaders(trainer)
+        self.seen["loader"] = loader
+        smaller = DataLoader(loader.dataset, batch_size=16)
+        replace_train_dataloaders(trainer, [smaller])
+        restart_train_fetcher(trainer)
+        self.seen["replaced"] = train_dataloaders(trainer)[0] is smaller
+        set_train_fetcher_length(trainer, 3)
+        trainer.fit_loop.max_batches = 3
+        self.seen["by_time"] = validates_by_time(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.setdefault("batch_sizes", []).append(len(batch))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.setdefault("stepped", []).append(batches_that_stepped(trainer))
+
+
+def _fit(tmp_path, probe, **trainer_kwargs):
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[probe],
+        **trainer_kwargs,
+    )
+    trainer.fit(BoringModel())  # 64 examples in batches of 1 (BoringModel's loader)
+    return trainer
+
+
+def test_train_dataloaders(tmp_path):
+    probe = _Probe()
+    _fit(tmp_path, probe)
+    assert isinstance(probe.seen["loader"], DataLoader)
+    assert probe.seen["loader"].batch_size == 1
+
+
+def test_replace_train_dataloaders(tmp_path):
+    probe = _Probe()
+    _fit(tmp_path, probe)
+    assert probe.seen["replaced"]
+    assert set(probe.seen["batch_sizes"]) == {16}  # the new loader's batches are the ones trained on
+
+
+def test_restart_train_fetcher(tmp_path):
+    probe = _Probe()
+    _fit(tmp_path, probe)
+    assert probe.seen["batch_sizes"][0] == 16  # the first batch already comes from the fresh iterator
+
+
+def test_set_train_fetcher_length(tmp_path):
+    probe = _Probe()
+    _fit(tmp_path, probe)
+    assert len(probe.seen["batch_sizes"]) == 3  # 64 examples at 16 are 4 batches; the epoch was told 3
+
+
+def test_batches_that_stepped(tmp_path):
+    probe = _Probe()
+    _fit(tmp_path, probe, accumulate_grad_batches=1)
+    # Read in on_train_batch_end, before Lightning counts the batch: the step its own logging uses there.
+    assert probe.seen["stepped"] == [0, 1, 2]
+
+
+def test_validates_by_time(tmp_path):
+    probe = _Probe()
+    _fit(tmp_path, probe)
+    assert probe.seen["by_time"] is False  # a fraction of the epoch (the default, 1.0)
+    try:  # durations are Lightning 2.6+
+        trainer = Trainer(val_check_interval=datetime.timedelta(seconds=30), logger=False)
+    except (TypeError, ValueError, MisconfigurationException):
+        return
+    assert validates_by_time(trainer)
