@@ -20,27 +20,8 @@ THIRD_PARTY = ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "l
 # Names with a leading underscore that are public API: namedtuple's methods, the ``super()`` override protocol.
 PUBLIC_UNDERSCORE = {"_asdict", "_replace", "_fields", "_make", "_field_defaults"}
 
-# Private uses left in files that the per-example engine refactor owns (not to be edited here): (file, name).
-# Each entry goes when that refactor moves the use into `_compat/`; the list is to end empty.
-ALLOWED: set[tuple[str, str]] = {
-    ("sources/per_example_norms.py", "_BatchNorm"),  # moved in the engine refactor
-    ("sources/per_example_norms.py", "_ConvNd"),  # moved in the engine refactor
-    ("sources/per_example_norms.py", "_is_view"),  # moved in the engine refactor
-    ("sources/per_example_norms.py", "_top_saved_tensors_default_hooks"),  # moved in the engine refactor
-    ("sources/per_example_norms.py", "torch._C"),  # moved in the engine refactor
-    ("sources/per_example_norms.py", "torch.autograd.Variable._execution_engine"),  # moved in the engine refactor
-    ("sources/per_example_norms.py", "torch.utils._pytree"),  # moved in the engine refactor
-    ("sources/rules/attention.py", "_mha_shape_check"),  # moved in the engine refactor
-    ("sources/rules/conv.py", "_ConvNd"),  # moved in the engine refactor
-    ("sources/rules/conv.py", "_reversed_padding_repeated_twice"),  # moved in the engine refactor
-    ("sources/rules/fallback.py", "torch.utils._pytree"),  # moved in the engine refactor
-    ("sources/rules/normalization.py", "_BatchNorm"),  # moved in the engine refactor
-    ("sources/rules/normalization.py", "_InstanceNorm"),  # moved in the engine refactor
-    ("sources/rules/normalization.py", "_get_no_batch_dim"),  # moved in the engine refactor
-    ("sources/rules/normalization.py", "_saved_result1"),  # moved in the engine refactor
-    ("sources/rules/normalization.py", "_saved_result2"),  # moved in the engine refactor
-    ("sources/rules/ops.py", "_is_view"),  # moved in the engine refactor
-}
+# Private uses allowed outside `_compat/`: none. A new one goes into a version-gated `_compat` function instead.
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def _modules() -> list[Path]:

@@ -22,7 +22,17 @@ from torch.utils.data import DataLoader
 
 import lightning_gns._compat as compat
 from lightning_gns._compat.amp import grad_scaler_scale
-from lightning_gns._compat.autograd import saved_operand, saved_reduction
+from lightning_gns._compat.autograd import (
+    as_non_view,
+    current_graph_task_id,
+    is_view,
+    queue_engine_callback,
+    saved_mean_rstd,
+    saved_operand,
+    saved_reduction,
+    saved_tensors_hooks_active,
+    will_engine_execute,
+)
 from lightning_gns._compat.dynamo import compiled_parts
 from lightning_gns._compat.lightning import (
     LightningInternalsError,
@@ -35,6 +45,15 @@ from lightning_gns._compat.lightning import (
     train_dataloaders,
     validates_by_time,
 )
+from lightning_gns._compat.nn import (
+    BatchNormBase,
+    ConvBase,
+    InstanceNormBase,
+    conv_padding_for_pad,
+    instance_norm_batched_dims,
+    mha_shape_check,
+)
+from lightning_gns._compat.pytree import tree_leaves, tree_map
 from lightning_gns._compat.tensors import fused_norms
 
 
@@ -107,6 +126,143 @@ def test_saved_operand():
     assert saved_operand(x.sum().grad_fn, "other") is None
     with pytest.raises(ValueError, match="`which` to be 'self' or 'other'"):
         saved_operand(x.sum().grad_fn, "left")
+
+
+def test_saved_mean_rstd():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    mean, rstd = saved_mean_rstd(F.layer_norm(x, (4,)).grad_fn)
+    torch.testing.assert_close(mean.flatten(), x.mean(1).detach())
+    torch.testing.assert_close(rstd.flatten(), (x.var(1, unbiased=False) + 1e-5).rsqrt().detach())
+    images = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    mean, rstd = saved_mean_rstd(F.group_norm(images, 2).grad_fn)
+    grouped = images.detach().reshape(2, 2, -1)
+    torch.testing.assert_close(mean, grouped.mean(-1))
+    torch.testing.assert_close(rstd, (grouped.var(-1, unbiased=False) + 1e-5).rsqrt())
+    assert saved_mean_rstd(x.sum().grad_fn) is None
+    assert saved_mean_rstd(None) is None
+
+
+def test_current_graph_task_id():
+    x = torch.ones(2, requires_grad=True)
+    seen = []
+    x.register_hook(lambda g: seen.append(current_graph_task_id()))
+    x.sum().backward()
+    (x * 2).sum().backward()
+    assert current_graph_task_id() == -1
+    assert len(seen) == 2
+    assert -1 not in seen
+    assert seen[0] != seen[1]
+
+
+def test_will_engine_execute():
+    a, b = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+    nodes = [torch.autograd.graph.get_gradient_edge(t).node for t in (a, b)]
+    seen = []
+    a.register_hook(lambda g: seen.append([will_engine_execute(n) for n in nodes]))
+    (a * 2 + b.detach()).sum().backward()
+    assert seen == [[True, False]]
+    with pytest.raises(RuntimeError):
+        will_engine_execute(nodes[0])  # outside a backward pass
+
+
+def test_queue_engine_callback():
+    x = torch.ones(2, requires_grad=True)
+    order = []
+
+    def hook(grad):
+        queue_engine_callback(lambda: order.append(("end", x.grad is not None)))
+        order.append(("hook", x.grad is not None))
+
+    x.register_hook(hook)
+    x.sum().backward()
+    assert order == [("hook", False), ("end", True)]  # after the pass accumulated .grad
+    with pytest.raises(RuntimeError):
+        queue_engine_callback(lambda: None)
+
+
+def test_saved_tensors_hooks_active():
+    assert saved_tensors_hooks_active() is False
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert saved_tensors_hooks_active() is True
+    with torch.autograd.graph.save_on_cpu():
+        assert saved_tensors_hooks_active() is True
+    assert saved_tensors_hooks_active() is False
+
+
+def test_is_view():
+    x = torch.ones(2, 3)
+    assert is_view(x[0])
+    assert is_view(x.view(3, 2))
+    assert is_view(x.t())
+    assert not is_view(x)
+    assert not is_view(x + 1)
+
+
+def test_as_non_view():
+    x = torch.randn(2, 3, requires_grad=True)
+    plain = x * 1
+    assert as_non_view(plain) is plain
+    alias = as_non_view(plain[0])
+    assert not is_view(alias)
+    assert torch.equal(alias, plain[0])
+    grads = []
+    alias.register_hook(grads.append)
+    alias.relu_()  # an in-place op on the alias keeps the hook
+    alias.sum().backward()
+    assert len(grads) == 1
+    torch.testing.assert_close(x.grad[0], (x[0] > 0).to(x.dtype))
+    torch.testing.assert_close(x.grad[1], torch.zeros(3))
+
+
+def test_tree_leaves():
+    point = torch.return_types.max((torch.ones(1), torch.zeros(1)))
+    assert tree_leaves((1, [2, {"b": 3, "a": 4}])) == [1, 2, 3, 4]
+    assert len(tree_leaves(point)) == 2
+
+
+def test_tree_map():
+    assert tree_map(lambda v: v * 10, (1, [2, {"a": 3}])) == (10, [20, {"a": 30}])
+
+
+# -- torch.nn ----------------------------------------------------------------------------------------------------
+
+
+def test_nn_base_classes_cover_the_layers_the_rules_match():
+    for conv in (nn.Conv1d(1, 1, 1), nn.Conv2d(1, 1, 1), nn.Conv3d(1, 1, 1), nn.ConvTranspose2d(1, 1, 1)):
+        assert isinstance(conv, ConvBase)
+    for norm in (nn.BatchNorm1d(2), nn.BatchNorm2d(2), nn.SyncBatchNorm(2)):
+        assert isinstance(norm, BatchNormBase)
+    for norm in (nn.InstanceNorm1d(2), nn.InstanceNorm2d(2), nn.InstanceNorm3d(2)):
+        assert isinstance(norm, InstanceNormBase)
+        assert not isinstance(norm, BatchNormBase)
+
+
+def test_conv_padding_for_pad():
+    assert conv_padding_for_pad(nn.Conv2d(1, 1, 3, padding=(1, 2))) == [2, 2, 1, 1]
+    same = nn.Conv1d(1, 1, 4, padding="same")  # even kernel: the extra zero goes on the right
+    x = torch.randn(1, 1, 7)
+    padded = F.pad(x, conv_padding_for_pad(same))
+    torch.testing.assert_close(F.conv1d(padded, same.weight, same.bias), same(x))
+
+
+def test_instance_norm_batched_dims():
+    assert [
+        instance_norm_batched_dims(m) for m in (nn.InstanceNorm1d(2), nn.InstanceNorm2d(2), nn.InstanceNorm3d(2))
+    ] == [
+        3,
+        4,
+        5,
+    ]
+
+
+def test_mha_shape_check():
+    check = mha_shape_check()
+    assert check is not None
+    x = torch.ones(5, 2, 4)
+    assert check(x, x, x, None, None, 2) is True
+    assert check(x[:, 0], x[:, 0], x[:, 0], None, None, 2) is False  # unbatched
+    with pytest.raises(AssertionError):
+        check(x, x, x, None, torch.ones(1, 1, 5, 5), 2)  # a 4-D mask
 
 
 # -- Lightning --------------------------------------------------------------------------------------------------

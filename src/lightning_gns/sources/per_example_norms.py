@@ -53,10 +53,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gns._compat.autograd import (
+    as_non_view,
+    current_graph_task_id,
+    is_view,
+    queue_engine_callback,
+    saved_tensors_hooks_active,
+    will_engine_execute,
+)
+from lightning_gns._compat.nn import BatchNormBase, ConvBase
+from lightning_gns._compat.pytree import tree_leaves, tree_map
 from lightning_gns.sources.preconditioning import Preconditioner
 from lightning_gns.sources.rules.attention import (
     CapturedAttention,
@@ -424,7 +432,7 @@ class PerExampleGradNorms:
         for pid, param in measured.items():
             self._handles.append(param.register_hook(partial(self._on_param_grad, pid)))
         for name, module in self.model.named_modules():
-            if isinstance(module, _BatchNorm):
+            if isinstance(module, BatchNormBase):
                 self._handles.append(module.register_forward_pre_hook(partial(self._check_batch_norm, name)))
         self._attached = True
         return self
@@ -504,10 +512,10 @@ class PerExampleGradNorms:
 
     @staticmethod
     def _in_backward() -> bool:
-        return torch._C._current_graph_task_id() != -1
+        return current_graph_task_id() != -1
 
     def _check_batch_norm(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self._replaying or not torch.is_grad_enabled() or not isinstance(module, _BatchNorm):
+        if self._replaying or not torch.is_grad_enabled() or not isinstance(module, BatchNormBase):
             return
         if not batch_norm_uses_batch_statistics(module):
             return
@@ -612,10 +620,10 @@ class PerExampleGradNorms:
             if expanded is not None:
                 output = replaced = expanded[0]
                 args = expanded[1]
-        if isinstance(output, Tensor) and output.requires_grad and output._is_view():
+        if isinstance(output, Tensor) and output.requires_grad and is_view(output):
             # A hook on a view (Linear on [N, T, K] returns one) is lost when an in-place op (ReLU(inplace=True))
             # rebases the view's history; an alias that is not a view keeps it.
-            output = replaced = _NotAView.apply(output)
+            output = replaced = as_non_view(output)
         if isinstance(output, Tensor):  # the common case, without walking a pytree
             outputs = [output]
         else:
@@ -788,7 +796,7 @@ class PerExampleGradNorms:
         ``False`` when it cannot tell: ``torch.autograd.grad`` does not say whether it captures a leaf's gradient.
         """
         try:
-            return any(torch._C._will_engine_execute_node(self._grad_accumulator(p)) for p in params if p.requires_grad)
+            return any(will_engine_execute(self._grad_accumulator(p)) for p in params if p.requires_grad)
         except RuntimeError:
             return False
 
@@ -803,13 +811,13 @@ class PerExampleGradNorms:
     # ------------------------------------------------------------------ backward pass
 
     def _start_backward(self) -> None:
-        task_id = torch._C._current_graph_task_id()
+        task_id = current_graph_task_id()
         if task_id == self._task_id:
             return
         # A new backward pass; whatever an aborted one left behind is dropped.
         self._reset_backward_state()
         self._task_id = task_id
-        torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+        queue_engine_callback(self._finish_backward)
 
     def _reset_backward_state(self) -> None:
         self._task_id = None
@@ -1098,18 +1106,6 @@ def _device_type(grads: tuple[Tensor | None, ...]) -> str:
     return next(g.device.type for g in grads if g is not None)
 
 
-class _NotAView(torch.autograd.Function):
-    """Identity whose output is not a view, so that a hook on it survives in-place ops."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor) -> Tensor:
-        return tensor.detach()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad
-
-
 class _MeasurementFailed(RuntimeError):
     """A unit's per-example norms could not be taken in this backward pass."""
 
@@ -1141,8 +1137,7 @@ _RULES_FROM_SAVED_STATS: dict[Callable[..., Tensor], tuple[Callable[..., Any], C
 
 def _saves_tensors_plainly() -> bool:
     # Reading what a node saved unpacks it; saved-tensor hooks (checkpointing, offloading) may allow that only once.
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is not None and top(False) is None
+    return not saved_tensors_hooks_active()
 
 
 def _sums_only(
@@ -1186,9 +1181,7 @@ def _always(module: nn.Module, inputs: Tensor, weighted: bool) -> bool:
 
 
 _FUSED_RULES: dict[Callable[..., Tensor], _FusedRule] = {
-    conv_sq_norm: _FusedRule(
-        nn.modules.conv._ConvNd, _always, _sums_only(conv_sq_norm_and_grads), conv_batch_grads, None
-    ),
+    conv_sq_norm: _FusedRule(ConvBase, _always, _sums_only(conv_sq_norm_and_grads), conv_batch_grads, None),
     linear_sq_norm: _FusedRule(
         nn.Linear,
         linear_fuses_weight_grads,

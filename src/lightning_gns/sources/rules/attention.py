@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_gns._compat.nn import mha_shape_check
 from lightning_gns.sources.rules.linear import accumulation_dtype, param_weight, sum_outer_sq_norm, weighted_sum_sq
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
@@ -287,7 +288,7 @@ def _capturing_forward(
 
 def _valid_shapes(call: dict[str, Any], separate: bool) -> bool:
     query, key, value = call["query"], call["key"], call["value"]
-    check = getattr(F, "_mha_shape_check", None)
+    check = mha_shape_check()
     try:
         if check is not None:
             check(query, key, value, call["key_padding_mask"], call["attn_mask"], call["num_heads"])

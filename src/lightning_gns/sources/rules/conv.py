@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_gns._compat.nn import ConvBase, conv_padding_for_pad
 from lightning_gns.sources.rules.linear import accumulation_dtype, param_weight, sum_outer_sq_norm, weighted_sum_sq
 
 # Unfolded patches are kernel-size times bigger than the input: about 2 MiB of float32 per chunk stays in cache.
@@ -51,7 +52,7 @@ _GRAD_CHUNK_ELEMENTS = 1 << 21
 _GROUPED_MIN_CHANNELS = 8
 
 
-def unfold_patches(conv: nn.modules.conv._ConvNd, inputs: Tensor) -> Tensor:
+def unfold_patches(conv: ConvBase, inputs: Tensor) -> Tensor:
     """The input patches that a convolution multiplies with its kernel, for any number of spatial dims.
 
     Args:
@@ -84,7 +85,7 @@ def unfold_patches(conv: nn.modules.conv._ConvNd, inputs: Tensor) -> Tensor:
     return patches.permute(order).reshape(batch, channels * math.prod(conv.kernel_size), -1)
 
 
-def per_example_weight_grads(conv: nn.modules.conv._ConvNd, inputs: Tensor, grad_output: Tensor) -> Tensor:
+def per_example_weight_grads(conv: ConvBase, inputs: Tensor, grad_output: Tensor) -> Tensor:
     """Every example's weight gradient of a convolution, from one grouped convolution.
 
     The examples are stacked along the channels and the convolution is run with ``N·groups``
@@ -121,7 +122,7 @@ def per_example_weight_grads(conv: nn.modules.conv._ConvNd, inputs: Tensor, grad
     return grads.reshape(batch, *conv.weight.shape)
 
 
-def batch_weight_grad(conv: nn.modules.conv._ConvNd, inputs: Tensor, grad_output: Tensor) -> Tensor:
+def batch_weight_grad(conv: ConvBase, inputs: Tensor, grad_output: Tensor) -> Tensor:
     """The weight gradient of a convolution for a batch, as autograd computes it (differentiable).
 
     Args:
@@ -143,9 +144,7 @@ def batch_weight_grad(conv: nn.modules.conv._ConvNd, inputs: Tensor, grad_output
     return _weight_grad(conv, inputs, grad_output, conv.weight.detach(), conv.groups)
 
 
-def _weight_grad(
-    conv: nn.modules.conv._ConvNd, inputs: Tensor, grad_output: Tensor, weight: Tensor, groups: int
-) -> Tensor:
+def _weight_grad(conv: ConvBase, inputs: Tensor, grad_output: Tensor, weight: Tensor, groups: int) -> Tensor:
     inputs, padding = _pad(conv, inputs, explicit=False)
     return torch.ops.aten.convolution_backward(
         grad_output,
@@ -187,7 +186,7 @@ def conv_batch_grads(
         >>> conv_batch_grads(conv, x, torch.ones(2, 1, 2), True, True)
         (tensor([[[4., 6.]]]), tensor([4.]))
     """
-    assert isinstance(conv, nn.modules.conv._ConvNd)  # registered for convolutions only
+    assert isinstance(conv, ConvBase)  # registered for convolutions only
     weight_grad = batch_weight_grad(conv, inputs, grad_output) if weight else None
     bias_grad = grad_output.sum([0, *range(2, grad_output.dim())]) if bias else None
     return weight_grad, bias_grad
@@ -269,7 +268,7 @@ def _conv_sq_norm(
     with_grads: bool,
     weights: Mapping[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    if not isinstance(module, nn.modules.conv._ConvNd):
+    if not isinstance(module, ConvBase):
         raise TypeError(f"`conv_sq_norm` expects a convolution, but got `{type(module).__name__}`.")
     activation = inputs[0]
     if activation.dim() != len(module.kernel_size) + 2:
@@ -301,9 +300,7 @@ def _conv_sq_norm(
     return (terms[0] if len(terms) == 1 else terms[0] + terms[1]), weight_grad, bias_grad
 
 
-def _weight_path(
-    conv: nn.modules.conv._ConvNd, activation: Tensor, grad: Tensor
-) -> Literal["gram", "grouped", "unfolded"]:
+def _weight_path(conv: ConvBase, activation: Tensor, grad: Tensor) -> Literal["gram", "grouped", "unfolded"]:
     """How the weight's per-example norms are taken, from the shapes alone (see the module docstring)."""
     positions, groups = math.prod(grad.shape[2:]), conv.groups
     in_per_group, out_per_group = activation.shape[1] // groups, grad.shape[1] // groups
@@ -315,7 +312,7 @@ def _weight_path(
 
 
 def _grouped_sq_norm(
-    conv: nn.modules.conv._ConvNd, activation: Tensor, grad: Tensor, with_grads: bool, weight: Tensor | None = None
+    conv: ConvBase, activation: Tensor, grad: Tensor, with_grads: bool, weight: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
     batch = grad.shape[0]
     chunk = _chunk_size(batch, _GRAD_CHUNK_ELEMENTS // conv.weight.numel())
@@ -334,7 +331,7 @@ def _grouped_sq_norm(
 
 
 def _unfolded_sq_norm(
-    conv: nn.modules.conv._ConvNd,
+    conv: ConvBase,
     activation: Tensor,
     grad: Tensor,
     gram: bool,
@@ -384,7 +381,7 @@ def _chunk_size(batch: int, most: int) -> int:
     return -(-batch // chunks)
 
 
-def _pad(conv: nn.modules.conv._ConvNd, inputs: Tensor, explicit: bool) -> tuple[Tensor, list[int]]:
+def _pad(conv: ConvBase, inputs: Tensor, explicit: bool) -> tuple[Tensor, list[int]]:
     """Pad ``inputs`` as the convolution does; zero padding is left to the convolution kernels unless ``explicit``.
 
     Returns:
@@ -393,7 +390,7 @@ def _pad(conv: nn.modules.conv._ConvNd, inputs: Tensor, explicit: bool) -> tuple
     spatial = inputs.dim() - 2
     if not explicit and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
         return inputs, list(conv.padding)
-    padding = conv._reversed_padding_repeated_twice
+    padding = conv_padding_for_pad(conv)
     if any(padding):
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         inputs = F.pad(inputs, padding, mode=mode)

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_leaves
 
+from lightning_gns._compat.pytree import tree_leaves
 from lightning_gns.sources.rules.linear import param_weight, weighted_sum_sq
 
 

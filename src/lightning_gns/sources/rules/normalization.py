@@ -27,15 +27,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 
+from lightning_gns._compat.autograd import saved_mean_rstd
+from lightning_gns._compat.nn import BatchNormBase, InstanceNormBase, instance_norm_batched_dims
 from lightning_gns.sources.rules.linear import accumulation_dtype, param_weight, weighted_sum_sq
 
 Weights = Mapping[str, Tensor] | None
 
 
-def batch_norm_uses_batch_statistics(module: _BatchNorm) -> bool:
+def batch_norm_uses_batch_statistics(module: BatchNormBase) -> bool:
     """Whether a BatchNorm layer normalises with the statistics of the current batch.
 
     Mirrors the test inside :meth:`torch.nn.modules.batchnorm._BatchNorm.forward`.
@@ -208,10 +208,10 @@ def layer_norm_saved_stats(node: Any, module: nn.Module, grad_output: Tensor) ->
     """
     if type(node).__name__ != "NativeLayerNormBackward0" or not isinstance(module, nn.LayerNorm):
         return None
-    try:
-        mean, rstd = node._saved_result1, node._saved_result2
-    except (AttributeError, RuntimeError):  # renamed, or already freed
+    saved = saved_mean_rstd(node)
+    if saved is None:  # renamed, or already freed
         return None
+    mean, rstd = saved
     normalized = len(module.normalized_shape)
     shape = (*grad_output.shape[: grad_output.dim() - normalized], *(1,) * normalized)
     dtype = accumulation_dtype(grad_output)
@@ -463,10 +463,10 @@ def group_norm_saved_stats(node: Any, module: nn.Module, grad_output: Tensor) ->
     """
     if type(node).__name__ != "NativeGroupNormBackward0" or not isinstance(module, nn.GroupNorm):
         return None
-    try:
-        mean, rstd = node._saved_result1, node._saved_result2
-    except (AttributeError, RuntimeError):  # renamed, or already freed
+    saved = saved_mean_rstd(node)
+    if saved is None:  # renamed, or already freed
         return None
+    mean, rstd = saved
     shape = (grad_output.shape[0], module.num_groups)
     dtype = accumulation_dtype(grad_output)
     if not all(isinstance(t, Tensor) and t.shape == shape and t.dtype == dtype for t in (mean, rstd)):
@@ -502,9 +502,9 @@ def instance_norm_sq_norm(
         >>> instance_norm_sq_norm(inorm, (x,), torch.ones(1, 1, 2))  # (Σ g⊙x̂)² + (Σ g)² ≈ 0 + 4
         tensor([4.0000])
     """
-    if not isinstance(module, _InstanceNorm):
+    if not isinstance(module, InstanceNormBase):
         raise TypeError(f"`instance_norm_sq_norm` expects an InstanceNorm, but got `{type(module).__name__}`.")
-    _require_batch(module, inputs[0], module._get_no_batch_dim() + 1, "[N, C, *spatial]")
+    _require_batch(module, inputs[0], instance_norm_batched_dims(module), "[N, C, *spatial]")
     dtype = accumulation_dtype(grad_output)
     use_input_stats = module.training or not module.track_running_stats
     running_mean = None if use_input_stats or module.running_mean is None else module.running_mean.to(dtype)
@@ -544,7 +544,7 @@ def batch_norm_sq_norm(
         ...
         ValueError: Per-example gradient norms are not defined through `BatchNorm1d` in training mode: ...
     """
-    if not isinstance(module, _BatchNorm):
+    if not isinstance(module, BatchNormBase):
         raise TypeError(f"`batch_norm_sq_norm` expects a BatchNorm, but got `{type(module).__name__}`.")
     running_mean, running_var = module.running_mean, module.running_var
     if module.training or running_mean is None or running_var is None:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from lightning_gns._compat.autograd import as_non_view
 from lightning_gns.sources.rules.embedding import embedding_ids_sq_norm
 from lightning_gns.sources.rules.fallback import RngSnapshot
 from lightning_gns.sources.rules.linear import accumulation_dtype, sum_outer_sq_norm, weighted_sum_sq
@@ -269,9 +270,8 @@ class ParamOpCapture(TorchFunctionMode):
     def _hook(self, result: Tensor, uses: list[_Use]) -> Tensor:
         if not result.requires_grad:
             return result
-        if result._is_view():
-            # A hook on a view is lost when a later in-place op rebases it; an alias that is not a view keeps it.
-            result = _NotAView.apply(result)
+        # A hook on a view is lost when a later in-place op rebases it; an alias that is not a view keeps it.
+        result = as_non_view(result)
         record = _Record(uses, result.device.type)
         self.call.records.append(record)
         call = self.call
@@ -606,15 +606,3 @@ def _compose(local: Pullback, outer: Pullback | None) -> Pullback:
     if outer is None:
         return local
     return lambda g: outer(local(g))
-
-
-class _NotAView(torch.autograd.Function):
-    """Identity whose output is not a view, so that a hook on it survives in-place ops."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor) -> Tensor:
-        return tensor.detach()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad
