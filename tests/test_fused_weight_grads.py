@@ -20,14 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_gns.sources import per_example_norms
 from lightning_gns.sources.per_example_norms import (
     NormRuleFallbackWarning,
     PerExampleGradNorms,
     UnmeasuredParameterWarning,
 )
-from lightning_gns.sources.rules import conv
-from lightning_gns.sources.rules.linear import linear_fuses_weight_grads, linear_sq_norm
+from lightning_gns.sources.rules import conv, registry
+from lightning_gns.sources.rules.linear import linear_fuses_weight_grads
 from tests.conftest import NUM_PROCESSES, free_port, setup_ddp
 from tests.helpers.per_example import (
     SmallCNN,
@@ -212,15 +211,14 @@ def test_linear_fusion_is_decided_by_the_shapes():
         if isinstance(layer, nn.Linear):
             layer.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, m.weight.requires_grad))
     computed: list[str] = []
-    rule = per_example_norms._FUSED_RULES[linear_sq_norm]
+    spec = registry.get_rule_spec(nn.Linear(1, 1))
 
     def counting(module, inputs, grad_output, weight, bias):
         computed.append(type(module).__name__)
-        return rule.batch_grads(module, inputs, grad_output, weight, bias)
+        return spec.fused.batch_grads(module, inputs, grad_output, weight, bias)
 
-    with mock.patch.dict(
-        per_example_norms._FUSED_RULES, {linear_sq_norm: dataclasses.replace(rule, batch_grads=counting)}
-    ):
+    counted = dataclasses.replace(spec, fused=dataclasses.replace(spec.fused, batch_grads=counting))
+    with mock.patch.dict(registry._RULE_SPECS, {nn.Linear: counted}):
         compare(model, cnn_step(x, y))
     # Switched off inside the forward where fused: the long narrow sequences, not the 2-position or 2-D layers.
     assert seen == {"body.0": False, "body.2": False, "body.4": False, "body.7": True, "head": True}

@@ -623,7 +623,7 @@ def test_registry_lookup_is_by_exact_type():
 
 
 def test_register_norm_rule_refuses_duplicates_unless_overwrite(monkeypatch):
-    monkeypatch.setattr(registry, "_NORM_RULES", dict(registry._NORM_RULES))
+    monkeypatch.setattr(registry, "_RULE_SPECS", dict(registry._RULE_SPECS))
 
     def rule(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
         return grad_output.new_zeros(grad_output.shape[0])

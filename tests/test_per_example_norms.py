@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import warnings
 import weakref
@@ -18,7 +19,7 @@ from lightning_gns.sources.per_example_norms import (
     PerExampleGradNorms,
     UnmeasuredParameterWarning,
 )
-from lightning_gns.sources.rules import normalization, registry
+from lightning_gns.sources.rules import registry
 from lightning_gns.sources.rules.attention import CapturedAttention
 from lightning_gns.sources.rules.linear import linear_sq_norm
 from tests.helpers.per_example import (
@@ -453,7 +454,7 @@ def test_strict_refuses_the_fallback_at_the_first_forward():
 
 
 def test_registered_rule_replaces_the_fallback(monkeypatch):
-    monkeypatch.setattr(registry, "_NORM_RULES", dict(registry._NORM_RULES))
+    monkeypatch.setattr(registry, "_RULE_SPECS", dict(registry._RULE_SPECS))
 
     @registry.register_norm_rule(ScaledLinear)
     def scaled_linear_sq_norm(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
@@ -735,7 +736,7 @@ def test_preconditioner_none_means_weight_one():
 
 
 def test_a_rule_without_weights_is_replayed_when_preconditioned(monkeypatch):
-    monkeypatch.setattr(registry, "_NORM_RULES", dict(registry._NORM_RULES))
+    monkeypatch.setattr(registry, "_RULE_SPECS", dict(registry._RULE_SPECS))
 
     @registry.register_norm_rule(ScaledLinear)
     def plain_only(module: nn.Module, inputs: tuple[Tensor, ...], grad_output: Tensor) -> Tensor:
@@ -768,22 +769,23 @@ def test_norm_layers_reuse_the_forward_statistics(monkeypatch, checkpointed, lay
     seen: list[bool] = []
     if layer == "group_norm":
         # Fused (the default): the rule runs the layer's whole backward from the forward's statistics.
-        original_whole = per_example_norms.group_norm_sq_norm_and_grads
+        original_whole = registry.group_norm_sq_norm_and_grads
 
         def spy_whole(module, inputs, grad_output, stats, input_grad, **kwargs):
             seen.append(stats is not None)
             return original_whole(module, inputs, grad_output, stats, input_grad, **kwargs)
 
-        monkeypatch.setattr(per_example_norms, "group_norm_sq_norm_and_grads", spy_whole)
+        monkeypatch.setattr(registry, "group_norm_sq_norm_and_grads", spy_whole)
     else:
-        rule = normalization.layer_norm_sq_norm
-        read_stats, original = per_example_norms._RULES_FROM_SAVED_STATS[rule]
+        spec = registry.get_rule_spec(nn.LayerNorm(1))
+        original = spec.from_saved_stats.sq_norm
 
         def spy(module, inputs, grad_output, stats, **kwargs):
             seen.append(stats is not None)
             return original(module, inputs, grad_output, stats, **kwargs)
 
-        monkeypatch.setitem(per_example_norms._RULES_FROM_SAVED_STATS, rule, (read_stats, spy))
+        spied = dataclasses.replace(spec.from_saved_stats, sq_norm=spy)
+        monkeypatch.setitem(registry._RULE_SPECS, nn.LayerNorm, dataclasses.replace(spec, from_saved_stats=spied))
     if layer == "group_norm":
         model: nn.Module = SmallCNN()
         x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))

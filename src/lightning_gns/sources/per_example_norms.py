@@ -41,10 +41,9 @@ is of the unweighted per-example gradients, preconditioned norms or not.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
@@ -63,15 +62,9 @@ from lightning_gns._compat.autograd import (
     saved_tensors_hooks_active,
     will_engine_execute,
 )
-from lightning_gns._compat.nn import BatchNormBase, ConvBase
+from lightning_gns._compat.nn import BatchNormBase
 from lightning_gns._compat.pytree import tree_leaves, tree_map
 from lightning_gns.sources.preconditioning import Preconditioner
-from lightning_gns.sources.rules.attention import (
-    CapturedAttention,
-    MultiheadAttentionCapture,
-    multihead_attention_sq_norm,
-)
-from lightning_gns.sources.rules.conv import conv_batch_grads, conv_sq_norm, conv_sq_norm_and_grads
 from lightning_gns.sources.rules.fallback import (
     BatchLayout,
     RngSnapshot,
@@ -79,28 +72,22 @@ from lightning_gns.sources.rules.fallback import (
     per_example_grads,
     sq_norm_of_grads,
 )
-from lightning_gns.sources.rules.fused import BatchGrads, FusedParamGrads, GradSlot, InputGrad
-from lightning_gns.sources.rules.linear import (
-    linear_batch_grads,
-    linear_fuses_weight_grads,
-    linear_input_grad,
-    linear_sq_norm,
-    linear_sq_norm_and_grads,
-)
+from lightning_gns.sources.rules.fused import FusedParamGrads, GradSlot
 from lightning_gns.sources.rules.normalization import (
     batch_norm_coupling_error,
     batch_norm_uses_batch_statistics,
-    group_norm_batch_grads,
-    group_norm_saved_stats,
-    group_norm_sq_norm,
-    group_norm_sq_norm_and_grads,
-    group_norm_sq_norm_from_stats,
-    layer_norm_saved_stats,
-    layer_norm_sq_norm,
-    layer_norm_sq_norm_from_stats,
 )
 from lightning_gns.sources.rules.ops import OpCall, ParamOpCapture
-from lightning_gns.sources.rules.registry import CallRule, NormRule, get_call_rule, get_norm_rule
+from lightning_gns.sources.rules.registry import (
+    CallRule,
+    CapturedForward,
+    ForwardCapture,
+    FusedRule,
+    NormRule,
+    NormRuleSpec,
+    SavedStatsRule,
+    get_rule_spec,
+)
 
 __all__ = ["NormRuleFallbackWarning", "PerExampleGradNorms", "SqNormRecord", "UnmeasuredParameterWarning"]
 
@@ -143,15 +130,18 @@ class _Unit:
     name: str
     module: nn.Module
     params: dict[str, nn.Parameter]
-    rule: NormRule | None
-    call_rule: CallRule | None = None
+    spec: NormRuleSpec | None
     group: _Group | None = None
     # Whether the rule (or call rule) takes the keyword `weights` (preconditioned norms).
     weighted: bool = True
+    rule: NormRule | None = field(init=False)
+    call_rule: CallRule | None = field(init=False)
 
     def __post_init__(self) -> None:
-        rule = self.rule if self.rule is not None else self.call_rule
-        self.weighted = rule is None or _accepts_weights(rule)
+        spec = self.spec
+        self.rule = None if spec is None else spec.sq_norm
+        self.call_rule = None if spec is None or spec.sq_norm is not None else spec.call
+        self.weighted = spec is None or bool(spec.weighted)
 
     @property
     def op_level(self) -> bool:
@@ -208,7 +198,7 @@ class _Call:
         self.generation = generation
         # Set when the forward ran under a capture (MultiheadAttention): the gradients that arrive
         # are then those of the output and of the captured projections.
-        self.captured: CapturedAttention | None = None
+        self.captured: CapturedForward | None = None
         # Set when autograd left the parameter gradients to the rule (fuse_weight_grads): the sums of the
         # per-example gradients that the rule builds go here.
         self.grad_slot: GradSlot | None = None
@@ -327,7 +317,7 @@ class PerExampleGradNorms:
         self._groups: list[_Group] = []
         self._param_names: dict[int, str] = {}
         self._handles: list[RemovableHandle] = []
-        self._captures: dict[int, list[MultiheadAttentionCapture | None]] = {}
+        self._captures: dict[int, list[ForwardCapture | None]] = {}
         self._op_captures: dict[int, list[ParamOpCapture | None]] = {}
         self._warned_fallback: set[type[nn.Module]] = set()
         self._warned_failed: set[str] = set()
@@ -462,12 +452,11 @@ class PerExampleGradNorms:
             if id(module) in seen:
                 return
             seen.add(id(module))
-            rule = get_norm_rule(module)
-            call_rule = get_call_rule(module) if rule is None else None
-            if rule is not None or call_rule is not None or isinstance(module, _WHOLE_UNIT_TYPES):
+            spec = get_rule_spec(module)
+            if spec is not None or isinstance(module, _WHOLE_UNIT_TYPES):
                 params = {n: p for n, p in module.named_parameters() if p.requires_grad}
                 if params:
-                    units.append(_Unit(name or _ROOT_NAME, module, params, rule, call_rule))
+                    units.append(_Unit(name or _ROOT_NAME, module, params, spec))
                 return
             direct = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if direct:
@@ -531,8 +520,8 @@ class PerExampleGradNorms:
 
     def _start_capture(self, unit: _Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         capture = None
-        if self._recording() and isinstance(module, nn.MultiheadAttention):
-            capture = MultiheadAttentionCapture(module)
+        if self._recording() and unit.spec is not None and unit.spec.capture is not None:
+            capture = unit.spec.capture(module)
             capture.__enter__()
         self._captures[id(unit)].append(capture)
 
@@ -662,7 +651,7 @@ class PerExampleGradNorms:
         if ops is not None and ops.rng is not None:
             call.rng = ops.rng
             call.outputs = [out.detach() for out in outputs]
-        if unit.rule in _RULES_FROM_SAVED_STATS and _saves_tensors_plainly():
+        if unit.rule is not None and _saved_stats_rule(unit) is not None and _saves_tensors_plainly():
             call.node = layer_node
         assert unit.group is not None  # set by attach
         unit.group.pending.add(call)
@@ -947,12 +936,14 @@ class PerExampleGradNorms:
                 slot = call.grad_slot
                 if slot is not None:
                     # Weighted norms (with weights), but the plain sums of the per-example gradients for autograd.
-                    fill = _FUSED_RULES[unit.rule].sq_norm_and_grads
+                    fill = _fused_rule(unit).sq_norm_and_grads
                     return fill(unit.module, call.args, grad_output, call.node, slot, **rule_kwargs)
                 if call.node is not None:
-                    read_stats, rule_from_stats = _RULES_FROM_SAVED_STATS[unit.rule]
-                    stats = read_stats(call.node, unit.module, grad_output)
-                    return rule_from_stats(unit.module, call.args, grad_output, stats, **rule_kwargs)
+                    from_stats = _saved_stats_rule(unit)
+                    assert from_stats is not None  # call.node is kept only for such rules
+                    stats = from_stats.read(call.node, unit.module, grad_output)
+                    if stats is not None:
+                        return from_stats.sq_norm(unit.module, call.args, grad_output, stats, **rule_kwargs)
                 return unit.rule(unit.module, call.args, grad_output, **rule_kwargs)
         if call.captured is not None:
             with torch.no_grad(), _autocast_off(_device_type(grads)):
@@ -1093,15 +1084,6 @@ class PerExampleGradNorms:
         return self._records[index]
 
 
-def _accepts_weights(rule: Callable[..., Any]) -> bool:
-    """Whether a rule takes the keyword argument ``weights`` (preconditioned norms)."""
-    try:
-        parameters = inspect.signature(rule).parameters
-    except (TypeError, ValueError):
-        return False
-    return "weights" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-
-
 def _device_type(grads: tuple[Tensor | None, ...]) -> str:
     return next(g.device.type for g in grads if g is not None)
 
@@ -1128,81 +1110,25 @@ def _release(call: _Call) -> None:
     call.node = None
 
 
-# Built-in rules that run faster from the statistics the layer's forward saved: (reader, rule taking them).
-_RULES_FROM_SAVED_STATS: dict[Callable[..., Tensor], tuple[Callable[..., Any], Callable[..., Tensor]]] = {
-    group_norm_sq_norm: (group_norm_saved_stats, group_norm_sq_norm_from_stats),
-    layer_norm_sq_norm: (layer_norm_saved_stats, layer_norm_sq_norm_from_stats),
-}
-
-
 def _saves_tensors_plainly() -> bool:
     # Reading what a node saved unpacks it; saved-tensor hooks (checkpointing, offloading) may allow that only once.
     return not saved_tensors_hooks_active()
 
 
-def _sums_only(
-    sq_norm_and_grads: Callable[..., tuple[Tensor, Tensor | None, Tensor | None]],
-) -> Callable[..., Tensor]:
-    """Adapt a rule that returns norms and parameter sums to fill a slot."""
-
-    def fill(
-        module: nn.Module, args: tuple[Any, ...], grad_output: Tensor, node: Any, slot: GradSlot, **kw: Any
-    ) -> Tensor:
-        sq_norms, slot.weight, slot.bias = sq_norm_and_grads(module, args, grad_output, **kw)
-        return sq_norms
-
-    return fill
-
-
-def _group_norm_whole_backward(
-    module: nn.Module, args: tuple[Any, ...], grad_output: Tensor, node: Any, slot: GradSlot, **kw: Any
-) -> Tensor:
-    stats = group_norm_saved_stats(node, module, grad_output) if node is not None else None
-    sq_norms, slot.weight, slot.bias, slot.inputs = group_norm_sq_norm_and_grads(
-        module, args, grad_output, stats, slot.wants_inputs, **kw
-    )
-    slot.whole_backward = True
-    return sq_norms
-
-
-@dataclass(frozen=True)
-class _FusedRule:
-    """How a built-in rule that builds per-example gradients hands autograd their sums."""
-
-    layer: type[nn.Module]
-    worth_it: Callable[[nn.Module, Tensor, bool], bool]  # at the forward, from the input and whether weighted
-    sq_norm_and_grads: Callable[..., Tensor]  # (module, args, grad_output, node, slot, **weights) -> norms; fills slot
-    batch_grads: BatchGrads  # the fallback, as autograd computes them
-    input_grad: InputGrad | None  # for a layer whose own backward would hold the weight fixed (see FusedParamGrads)
-
-
-def _always(module: nn.Module, inputs: Tensor, weighted: bool) -> bool:
-    return True
-
-
-_FUSED_RULES: dict[Callable[..., Tensor], _FusedRule] = {
-    conv_sq_norm: _FusedRule(ConvBase, _always, _sums_only(conv_sq_norm_and_grads), conv_batch_grads, None),
-    linear_sq_norm: _FusedRule(
-        nn.Linear,
-        linear_fuses_weight_grads,
-        _sums_only(linear_sq_norm_and_grads),
-        linear_batch_grads,
-        linear_input_grad,
-    ),
-    # GroupNorm's rule runs the layer's whole backward in one kernel call (norms, parameter sums, input gradient).
-    group_norm_sq_norm: _FusedRule(nn.GroupNorm, _always, _group_norm_whole_backward, group_norm_batch_grads, None),
-}
-
-
 def _fuses_weight_grad(unit: _Unit) -> bool:
-    # Built-in rules that build the per-example gradients that autograd would sum anyway.
-    fused = _FUSED_RULES.get(unit.rule) if unit.rule is not None else None
-    return fused is not None and isinstance(unit.module, fused.layer)
+    # Rules that build the per-example gradients that autograd would sum anyway.
+    return unit.rule is not None and unit.spec is not None and unit.spec.fused is not None
 
 
-def _fused_rule(unit: _Unit) -> _FusedRule:
-    assert unit.rule is not None  # only units that passed _fuses_weight_grad fuse
-    return _FUSED_RULES[unit.rule]
+def _fused_rule(unit: _Unit) -> FusedRule:
+    # Only units that passed _fuses_weight_grad fuse.
+    assert unit.spec is not None
+    assert unit.spec.fused is not None
+    return unit.spec.fused
+
+
+def _saved_stats_rule(unit: _Unit) -> SavedStatsRule | None:
+    return None if unit.spec is None else unit.spec.from_saved_stats
 
 
 def _fusable_params(module: nn.Module) -> list[nn.Parameter]:
@@ -1212,8 +1138,8 @@ def _fusable_params(module: nn.Module) -> list[nn.Parameter]:
 
 
 def _captures_forward(unit: _Unit) -> bool:
-    # The built-in attention rule is exact and cheaper when the forward runs under a capture.
-    return type(unit.module) is nn.MultiheadAttention and unit.call_rule is multihead_attention_sq_norm
+    # A call rule with a capture (attention) is exact and cheaper when the forward runs under it.
+    return unit.call_rule is not None and unit.spec is not None and unit.spec.capture is not None
 
 
 def _total(by_module: dict[str, Tensor]) -> Tensor:

@@ -1,5 +1,6 @@
 """Per-example gradient norm rules, one file per layer family, and the registry that maps layers to them."""
 
-from lightning_gns.sources.rules.registry import CallRule, NormRule, get_call_rule, get_norm_rule, register_norm_rule
+from lightning_gns.sources.rules import registry
+from lightning_gns.sources.rules.registry import *  # noqa: F403  # the registry's public names are the package's
 
-__all__ = ["CallRule", "NormRule", "get_call_rule", "get_norm_rule", "register_norm_rule"]
+__all__ = registry.__all__
