@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -293,7 +293,7 @@ class NoiseScaleMonitor(Callback):
         self._last_batch_big: Tensor | None = None
         self._batch_examples = 0
         self._num_train_loaders = 1
-        self._comm_hook_registered_by_lightning = False
+        self._comm_hook: Callable[..., Any] | None = None
         self._pending: list[StepNorms] = []
         self._world_size = 1
 
@@ -379,9 +379,9 @@ class NoiseScaleMonitor(Callback):
         if name == "per_example":
             _refuse_compiled(pl_module, chosen=self.source_name == "auto")
         self._source = self._build_source(name, trainer, world, accumulate)
-        if not isinstance(self._source, DDPSource):
+        if not self._source.attaches_at_train_start:
             self._source.attach(pl_module)
-        if isinstance(self._source, PerExampleSource) and self.per_layer:
+        if self.per_layer and self._source.layer_names:
             self.layer_metric = GradientNoiseScale(
                 group_shape=(len(self._source.layer_names),), confidence=self.confidence, sync_on_compute=False
             )
@@ -428,7 +428,8 @@ class NoiseScaleMonitor(Callback):
         # Lightning registers the strategy's comm hook itself on CUDA only; compose with what the user set there.
         source = DDPSource(world_size=world, loss_divisor=accumulate, loss_reduction=reduction)
         source.inner_hook = replace_ddp_comm_hook(strategy, source.comm_hook)
-        self._comm_hook_registered_by_lightning = strategy.root_device.type == "cuda"
+        # Off CUDA the monitor registers the hook itself once DDP has wrapped the model (at train start).
+        self._comm_hook = source.comm_hook if strategy.root_device.type != "cuda" else None
         return source
 
     @override
@@ -474,13 +475,13 @@ class NoiseScaleMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if isinstance(self._source, DDPSource):
+        if self._source is not None and self._source.attaches_at_train_start:
             self._source.attach(pl_module)
-            strategy = trainer.strategy
-            if not self._comm_hook_registered_by_lightning and isinstance(strategy, DDPStrategy):
-                ddp_model = strategy.model
-                assert isinstance(ddp_model, DistributedDataParallel)  # DDPStrategy.setup wrapped it
-                ddp_model.register_comm_hook(ddp_comm_state(strategy), self._source.comm_hook)
+        strategy = trainer.strategy
+        if self._comm_hook is not None and isinstance(strategy, DDPStrategy):
+            ddp_model = strategy.model
+            assert isinstance(ddp_model, DistributedDataParallel)  # DDPStrategy.setup wrapped it
+            ddp_model.register_comm_hook(ddp_comm_state(strategy), self._comm_hook)
         self._num_train_loaders = len(_leaves(trainer.train_dataloader))
         if self.finite_population:
             self.population_size = _training_set_size(trainer)
@@ -580,11 +581,11 @@ class NoiseScaleMonitor(Callback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._source is None:
             return
-        if isinstance(self._source, PerExampleSource) and self._num_train_loaders > 1:
+        if self._num_train_loaders > 1:
             self._check_examples_measured(self._source, trainer.global_step)
         self._source.micro_batch_done(self._batch_examples)
 
-    def _check_examples_measured(self, source: PerExampleSource, step: int) -> None:
+    def _check_examples_measured(self, source: GradientSource, step: int) -> None:
         """With several training dataloaders, the per-example hooks must have seen every example of the batch.
 
         A ``training_step`` that calls the model once per loader hands each layer two batches of the same size in
@@ -592,7 +593,7 @@ class NoiseScaleMonitor(Callback):
         from a layer called twice on the same examples), which would make the norms wrong.
         """
         seen = source.pending_examples()
-        if seen in (0, self._batch_examples):
+        if seen is None or seen in (0, self._batch_examples):
             return
         raise MisconfigurationException(
             f"NoiseScaleMonitor: the run has {self._num_train_loaders} training dataloaders, and the per-example "
@@ -616,7 +617,7 @@ class NoiseScaleMonitor(Callback):
             self._examples_seen = self._examples_seen + norms.batch_big.to(self._examples_seen.device)
             return
         self._pending.append(norms)
-        if isinstance(self._source, PerExampleSource) and self._source.last_layer_norms is not None:
+        if self._source.last_layer_norms is not None:
             self._pending_layers.append(self._source.last_layer_norms)
         # Under DDP the rank-local halves of the estimates are averaged over ranks in one all-reduce per logging
         # period rather than one per step (a per-step collective cost 10-20% of a small model's step on gloo).
@@ -750,7 +751,7 @@ class NoiseScaleMonitor(Callback):
         if self.horizon_examples is not None:
             metrics[f"{self.log_key_prefix}{tags.HORIZON_EXAMPLES}"] = float(self.horizon_examples)
         metrics[f"{self.log_key_prefix}{tags.PRECONDITIONED}"] = float(self.is_preconditioned)
-        if self._layer_ema is not None and isinstance(self._source, PerExampleSource):
+        if self._layer_ema is not None and self._source is not None:
             layer_b_simple = ema_compute(self._layer_ema, self.confidence)["b_simple"].tolist()
             for name, value in zip(self._source.layer_names, layer_b_simple, strict=True):
                 metrics[f"{self.log_key_prefix}{tags.layer_b_simple(name)}"] = value

@@ -83,6 +83,8 @@ class GradientSource(abc.ABC):
     """
 
     name: str = "source"
+    attaches_at_train_start: bool = False
+    """Whether :meth:`attach` must wait for the training loop (DDP: the model is wrapped only then)."""
 
     def __init__(
         self, world_size: int = 1, preconditioner: Preconditioner | None = None, loss_reduction: LossReduction = "mean"
@@ -91,6 +93,10 @@ class GradientSource(abc.ABC):
         self.preconditioner = preconditioner
         self.loss_reduction = check_loss_reduction(loss_reduction)
         self._model: nn.Module | None = None
+        self.layer_names: list[str] = []
+        """The layers whose norms :attr:`last_layer_norms` keeps apart (empty: the source keeps none)."""
+        self.last_layer_norms: StepNorms | None = None
+        """The last step's norms per layer (shape ``[len(layer_names)]`` each), or ``None``."""
 
     def attach(self, model: nn.Module) -> None:
         """Start watching ``model`` (the module whose parameters the optimizer steps)."""
@@ -107,6 +113,13 @@ class GradientSource(abc.ABC):
 
         Whatever an earlier forward left pending is stale now.
         """
+
+    def pending_examples(self) -> int | None:
+        """The examples the source measured one by one since the last :meth:`micro_batch_done`, or ``None``.
+
+        ``None`` for a source that does not see examples apart (only the per-example source does).
+        """
+        return None
 
     @abc.abstractmethod
     def micro_batch_done(self, num_examples: int) -> None:

@@ -55,6 +55,7 @@ class DDPSource(GradientSource):
     """
 
     name = "ddp"
+    attaches_at_train_start = True
 
     def __init__(
         self,

@@ -60,8 +60,6 @@ class PerExampleSource(GradientSource):
         self._engine: PerExampleGradNorms | None = None
         super().__init__(world_size, preconditioner, loss_reduction)
         self.per_layer = per_layer
-        self.layer_names: list[str] = []
-        self.last_layer_norms: StepNorms | None = None
         self._layer_index = torch.zeros(0, dtype=torch.long)
         self._layer_params: list[nn.Parameter] = []
         self._layer_sum_sq: Tensor | None = None
