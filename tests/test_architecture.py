@@ -235,3 +235,31 @@ def test_the_report_does_not_import_the_callbacks():
     }
     wrong = {name: targets for name, targets in wrong.items() if targets}
     assert not wrong, f"The report reads logs and takes its tags from lightning_gns.tags, not the callbacks: {wrong}"
+
+
+def test_the_callbacks_ask_sources_what_they_can_do_rather_than_test_their_class():
+    from lightning_gns import sources  # noqa: F401  # the concrete source classes are named below
+    from lightning_gns.sources.base import GradientSource
+
+    concrete = {cls.__name__ for cls in _subclasses(GradientSource)}
+    assert {"PerExampleSource", "DDPSource", "AccumulationSource"} <= concrete
+    offenders = []
+    for path in sorted((PACKAGE / "callbacks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+                named = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
+                offenders += [f"{_relative(path)}:{node.lineno}: isinstance(..., {n})" for n in named & concrete]
+    assert not offenders, "Test what a source can do (a GradientSource attribute) instead of its class:\n" + "\n".join(
+        offenders
+    )
+
+
+def _subclasses(cls: type) -> set[type]:
+    import lightning_gns.sources.accumulation
+    import lightning_gns.sources.ddp
+    import lightning_gns.sources.per_example  # noqa: F401  # registers the subclasses
+
+    found = set()
+    for sub in cls.__subclasses__():
+        found |= {sub, *_subclasses(sub)}
+    return found
