@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.overrides import TorchFunctionMode
 
 from lightning_gns.sources.per_example_norms import (
     NormRuleFallbackWarning,
@@ -260,11 +261,23 @@ class DropoutTape:
 
     @contextlib.contextmanager
     def record(self) -> Iterator[None]:
+        """Records the outermost call only.
+
+        Under a ``TorchFunctionMode`` (the engine's op capture, for a module without a module rule: ViT's
+        embeddings) ``F.dropout`` hands itself to ``handle_torch_function`` by its module-global name, which is this
+        wrapper: the mode calls it again, inside the first call, for the same single draw.
+        """
         original = F.dropout
+        depth = 0
 
         def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
-            out = original(input, p, training, inplace)
-            if training and p > 0:
+            nonlocal depth
+            depth += 1
+            try:
+                out = original(input, p, training, inplace)
+            finally:
+                depth -= 1
+            if depth == 0 and training and p > 0:
                 assert not inplace
                 # An input entry that is exactly zero would hide whether it was kept.
                 assert bool((input != 0).all()), "dropout input with exact zeros: the mask cannot be read off"
@@ -290,6 +303,21 @@ class DropoutTape:
         with mock.patch.object(F, "dropout", dropout):
             yield
         assert next(calls, None) is None, "the replayed forward called dropout fewer times"
+
+
+def test_the_tape_records_a_dropout_once_under_a_torch_function_mode():
+    """The engine's op capture is a ``TorchFunctionMode``: ``F.dropout`` then enters the patched name twice."""
+
+    class Passthrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    tape = DropoutTape()
+    x = torch.randn(3, 4) + 10  # no exact zeros
+    with tape.record(), Passthrough():
+        out = F.dropout(x, 0.5, True)
+    assert len(tape.masks) == 1
+    torch.testing.assert_close(tape.masks[0], (out != 0).to(x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------- truth
