@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.helpers.bench import loaded_bench
 
 pytest.importorskip("scipy")
 pytest.importorskip("sklearn")
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_growth.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    # Loaded from its file: `benchmarks` is no package (Opacus installs an unrelated top-level `benchmarks`).
-    spec = importlib.util.spec_from_file_location("bench_growth", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with loaded_bench("bench_growth") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 SIZES = [8, 16, 32, 64, 128, 256]

@@ -84,6 +84,14 @@ def test_compiled_parts():
     net[1] = torch.compile(net[1])
     assert compiled_parts(net) == ["1"]
     assert compiled_parts(torch.compile(net)) == ["(model)"]
+    # A module handed to torch.compile, its wrapper kept outside: found where torch marks it (2.13.0, not 2.5.0).
+    inner = nn.Linear(2, 2)
+    wrapper = torch.compile(inner)
+    assert compiled_parts(wrapper) == ["(model)"]
+    marked = vars(inner).get("_is_torch_compile", False) is True
+    if torch.__version__ >= (2, 13):
+        assert marked
+    assert compiled_parts(inner) == (["(model)"] if marked else [])
 
 
 def test_grad_scaler_scale():

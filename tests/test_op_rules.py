@@ -182,3 +182,68 @@ def test_a_parameter_of_unknown_use_falls_back_and_stays_exact():
     with pytest.warns(UserWarning, match=r"Odd .*`cos` takes a parameter"), PerExampleGradNorms(model) as norms:
         model(x).square().sum().backward()
     torch.testing.assert_close(norms.sq_norms(), exact_sq_norms(model, x), rtol=1e-6, atol=0)
+
+
+class DroppedEmbedding(TokensAndPositions):
+    """Hugging Face ViT's embeddings in training: class token and positions, then dropout, in one forward.
+
+    ``mask`` (``[N, T + 1, D]``, 1 where kept) replays a draw instead, for the torch.func truth.
+    """
+
+    def __init__(self, dim: int, steps: int, p: float) -> None:
+        super().__init__(dim, steps)
+        self.p = p
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        h = super().forward(x)
+        return F.dropout(h, self.p, self.training) if mask is None else h * mask / (1 - self.p)
+
+
+class DroppedViT(nn.Module):
+    def __init__(self, dim: int = 6, steps: int = 5, p: float = 0.3) -> None:
+        super().__init__()
+        self.embed = DroppedEmbedding(dim, steps, p)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.head(torch.tanh(self.embed(x, mask)))
+
+
+def test_dropout_inside_a_module_measured_op_by_op_is_exact_and_draws_as_without():
+    """ViT's pattern: the embeddings' parameters measured op by op, with a dropout drawn under the op capture.
+
+    The capture is a ``TorchFunctionMode`` around that forward: it must not change the draw (the output, and so
+    ``.grad``, equal those of a run without the engine), and the norms are those of this forward's mask.
+    """
+    torch.manual_seed(5)
+    model = DroppedViT().double().train()
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    kept: list[Tensor] = []
+    handle = model.embed.register_forward_hook(lambda module, args, out: kept.append(out.detach() != 0))
+    torch.manual_seed(6)
+    plain = model(x)
+    handle.remove()
+    plain.square().sum().backward()
+    plain_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback, no unmeasured parameter
+        torch.manual_seed(6)
+        with PerExampleGradNorms(model, strict=True) as norms:
+            out = model(x)
+            out.square().sum().backward()
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)  # the same draw
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain_grads[name], rtol=1e-10, atol=0)
+    (mask,) = kept
+    assert bool(mask.any())
+    assert not bool(mask.all())
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p: dict[str, Tensor], x_i: Tensor, m_i: Tensor) -> Tensor:
+        return functional_call(model, p, (x_i.unsqueeze(0), m_i.unsqueeze(0).to(x_i.dtype))).square().sum()
+
+    grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, mask)
+    exact = sum(g.reshape(g.shape[0], -1).square().sum(1) for g in grads.values())
+    torch.testing.assert_close(norms.sq_norms(), exact, rtol=1e-6, atol=0)
+    assert set(norms.sq_norms_by_module()) == {"embed", "head"}

@@ -586,6 +586,34 @@ def test_include_rejects_non_module_types():
         PerExampleGradNorms(MLP(), include=[int])  # type: ignore[list-item]
 
 
+@pytest.mark.parametrize("compiled", ["whole", "submodule", "method"])
+def test_a_compiled_model_is_refused_at_attach(compiled):
+    model = MLP()
+    if compiled == "whole":
+        model = torch.compile(model, backend="eager")
+    elif compiled == "submodule":
+        model.net[0] = torch.compile(model.net[0], backend="eager")
+    else:
+        model.net[3].compile(backend="eager")
+    names = {"whole": r"\(model\)", "submodule": "net.0", "method": "net.3"}[compiled]
+    with pytest.raises(ValueError, match=rf"torch.compile \(compiled: {names}\).*`accumulation`.*`ddp`.*uncompiled"):
+        PerExampleGradNorms(model).attach()
+
+
+def test_a_forward_compiled_outside_the_model_raises_in_its_backward_and_keeps_no_record():
+    """Compiled code that attach cannot see (a compiled function calling the model): never a silent number."""
+    model = MLP()
+    step = torch.compile(lambda x: model(x), backend="aot_eager")
+    x = torch.randn(5, 6)
+    with PerExampleGradNorms(model) as norms:
+        with pytest.raises(RuntimeError, match=r"ran under torch.compile.*No record is kept"):
+            step(x).sum().backward()
+        assert len(norms) == 0
+        model(x).sum().backward()  # an eager step afterwards is measured as usual
+    assert len(norms) == 1
+    assert_close(norms.sq_norms(), sq_norms_by_backward_per_example(model(x).sum(1), list(model.parameters())))
+
+
 # ---------------------------------------------------------------------- edge cases
 
 

@@ -15,13 +15,17 @@ def compiled_parts(model: nn.Module) -> list[str]:
     """Qualified names of the modules of ``model`` whose forward runs compiled, in module order.
 
     Finds ``torch.compile(module)`` (an ``OptimizedModule`` in the tree), ``module.compile()``, a method replaced
-    by ``torch.compile(module.forward)``, and a LightningModule handed to ``Trainer.fit`` compiled (Lightning keeps
-    the compiler in ``_compiler_ctx``). The root is named ``"(model)"``. Code compiled inside ``training_step``
-    (a compiled function called there) cannot be seen from the modules.
+    by ``torch.compile(module.forward)``, a LightningModule handed to ``Trainer.fit`` compiled (Lightning keeps
+    the compiler in ``_compiler_ctx``), and, where torch marks it, a module handed to ``torch.compile`` whose
+    compiled wrapper is kept outside the tree (``compiled = torch.compile(model)``, then ``model`` measured while
+    ``compiled`` runs it). The root is named ``"(model)"``. Code compiled inside ``training_step`` (a compiled
+    function called there) cannot be seen from the modules.
 
     Checked on torch 2.5.0-2.13.0 (``torch._dynamo.eval_frame.OptimizedModule``, ``nn.Module._compiled_call_impl``
-    from 2.2, ``_torchdynamo_orig_callable``) and Lightning 2.6.0-2.6.6 (``_compiler_ctx``). Every check is a
-    ``getattr`` with a default: a torch that renames one stops detecting that form of compilation, it never raises.
+    from 2.2, ``_torchdynamo_orig_callable``) and Lightning 2.6.0-2.6.6 (``_compiler_ctx``). The wrapped module's
+    mark, ``_is_torch_compile``, is set by torch 2.13.0 (``torch.compile`` sets it on the ``OptimizedModule``,
+    which forwards the attribute to the module it wraps) and not by 2.5.0. Every check is a ``getattr`` with a
+    default: a torch that renames one stops detecting that form of compilation, it never raises.
 
     Example::
 
@@ -37,6 +41,7 @@ def compiled_parts(model: nn.Module) -> list[str]:
             isinstance(module, OptimizedModule)
             or getattr(module, "_compiled_call_impl", None) is not None  # nn.Module.compile()
             or getattr(module, "_compiler_ctx", None) is not None  # Lightning's from_compiled
+            or getattr(module, "_is_torch_compile", False) is True  # handed to torch.compile, wrapper elsewhere
             or any(hasattr(getattr(module, m, None), "_torchdynamo_orig_callable") for m in _COMPILED_METHODS)
         )
         if compiled:

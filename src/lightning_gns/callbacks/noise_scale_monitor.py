@@ -36,6 +36,7 @@ from lightning_gns.sources.base import GradientSource, StepNorms, average_over_r
 from lightning_gns.sources.ddp import DDPSource
 from lightning_gns.sources.loss_reduction import LossReduction, infer_loss_reduction
 from lightning_gns.sources.per_example import PerExampleSource
+from lightning_gns.sources.per_example_norms import compiled_model_refusal
 from lightning_gns.sources.preconditioning import AdamPreconditioner, is_adam_family
 
 SourceName = Literal["auto", "ddp", "accumulation", "per_example"]
@@ -876,8 +877,7 @@ def _refuse_compiled(pl_module: pl.LightningModule, chosen: bool) -> None:
         return
     how = "`source='auto'` picked `per_example` (one device, no accumulation), which" if chosen else "`per_example`"
     raise MisconfigurationException(
-        f"NoiseScaleMonitor: {how} cannot measure a model compiled with torch.compile (compiled: "
-        f"{', '.join(parts)}): the per-example hooks do not see inside compiled code, and the norms would be wrong. "
+        f"NoiseScaleMonitor: {how} {compiled_model_refusal(parts)} "
         "Use a source that reads parameter gradients: `Trainer(accumulate_grad_batches=2)` or more (the "
         "`accumulation` source, picked by 'auto'), or DDP with 2+ processes (the `ddp` source); or measure an "
         "uncompiled model."

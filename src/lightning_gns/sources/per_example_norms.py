@@ -62,6 +62,7 @@ from lightning_gns._compat.autograd import (
     saved_tensors_hooks_active,
     will_engine_execute,
 )
+from lightning_gns._compat.dynamo import compiled_parts
 from lightning_gns._compat.nn import BatchNormBase
 from lightning_gns._compat.pytree import tree_leaves, tree_map
 from lightning_gns.sources.preconditioning import Preconditioner
@@ -89,7 +90,13 @@ from lightning_gns.sources.rules.registry import (
     get_rule_spec,
 )
 
-__all__ = ["NormRuleFallbackWarning", "PerExampleGradNorms", "SqNormRecord", "UnmeasuredParameterWarning"]
+__all__ = [
+    "NormRuleFallbackWarning",
+    "PerExampleGradNorms",
+    "SqNormRecord",
+    "UnmeasuredParameterWarning",
+    "compiled_model_refusal",
+]
 
 _ROOT_NAME = "(root)"
 # Modules that use their children's parameters without calling the children.
@@ -265,7 +272,10 @@ class PerExampleGradNorms:
     ``retain_graph=True`` is measured by its first backward pass only (a second one reports
     the parameters as unmeasured); gradient penalties (``create_graph=True``) add
     second-order terms no hook sees (warned); reentrant activation checkpointing is not
-    supported (its modules are reported as unmeasured), non-reentrant is.
+    supported (its modules are reported as unmeasured), non-reentrant is. ``torch.compile``: the hooks do not
+    see inside compiled code, so :meth:`attach` refuses a compiled model or one with a compiled module in it
+    (``ValueError``), and a forward that still ran compiled (a compiled function outside the model called it)
+    makes its backward pass raise ``RuntimeError`` instead of recording wrong norms.
 
     Example::
 
@@ -330,6 +340,9 @@ class PerExampleGradNorms:
         self._records: list[SqNormRecord] = []
         self._warned_unmeasured: set[tuple[str, ...]] = set()
         self._warned_double_backward = False
+        # Set by a forward hook traced by TorchDynamo (compiled code that attach could not see): the next backward
+        # pass raises instead of recording wrong norms.
+        self._compiled_forward = False
         # State of the backward pass in progress.
         self._task_id: int | None = None
         self._eager: dict[_Group, Tensor] = {}
@@ -370,11 +383,22 @@ class PerExampleGradNorms:
         Raises:
             RuntimeError: if the hooks are already attached.
             TypeError: with ``strict=True``, if a module needs the :mod:`torch.func` fallback.
+            ValueError: if the model, or a module in it, is compiled with ``torch.compile``
+                (:func:`~lightning_gns._compat.dynamo.compiled_parts`).
         """
         if self._attached:
             raise RuntimeError(
                 "PerExampleGradNorms is already attached to the model; call `remove()` before attaching again."
             )
+        compiled = compiled_parts(self.model)
+        if compiled:
+            raise ValueError(
+                f"PerExampleGradNorms {compiled_model_refusal(compiled)} Measure a compiled model with the "
+                "`accumulation` source (gradient accumulation) or the `ddp` source (2+ processes), which read "
+                "parameter gradients that compiled code leaves as they are; or attach to an uncompiled model and "
+                "run it uncompiled."
+            )
+        self._compiled_forward = False
         groups = self._group_units(self._find_units())
         if self.include is not None:
             # A tied partner of a selected module comes along: the shared parameter's gradient is their sum.
@@ -390,6 +414,7 @@ class PerExampleGradNorms:
         self._grad_nodes = {}
         self._handles.append(self.model.register_forward_pre_hook(self._read_batch_size, with_kwargs=True))
         for unit in units:
+            self._handles.append(unit.module.register_forward_pre_hook(self._note_compiling))
             if unit.op_level:
                 self._op_captures[id(unit)] = []
                 self._handles.append(
@@ -513,6 +538,13 @@ class PerExampleGradNorms:
         )
         if carries_grad:
             raise batch_norm_coupling_error(name, module)
+
+    def _note_compiling(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        # A hook of its own, which TorchDynamo traces whole: the flag it sets is a side effect that the compiled
+        # code replays every time it runs (in a hook that breaks the graph further on, Dynamo may run the whole
+        # hook eagerly again, where `is_compiling()` is False, and the flag would be lost).
+        if torch.compiler.is_compiling() and torch.is_grad_enabled():
+            self._compiled_forward = True
 
     def _recording(self) -> bool:
         # Not recorded: no graph, our own replays, and recomputation inside backward (checkpointing).
@@ -819,6 +851,13 @@ class PerExampleGradNorms:
 
     def _finish_backward(self) -> None:
         try:
+            if self._compiled_forward:
+                self._compiled_forward = False
+                raise RuntimeError(
+                    "PerExampleGradNorms: the forward of this backward pass ran under torch.compile (a compiled "
+                    f"wrapper or function outside the model called it): {_COMPILED_REASON} No record is kept. Run "
+                    "the measured model uncompiled, or measure it with the `accumulation` or `ddp` source."
+                )
             for call in self._started_ops:
                 # A unit measured op by op, some of whose op outputs got no gradient in this pass.
                 if call.ops is not None and call.args is not None and not call.ops.complete:
@@ -1069,6 +1108,7 @@ class PerExampleGradNorms:
         the whole graph, and sending every later call of those modules down the slower path for modules called
         several times per pass (measured at the end of the pass, without fused weight gradients).
         """
+        self._compiled_forward = False
         for group in self._groups:
             if group.pending:
                 for call in list(group.pending):
@@ -1082,6 +1122,22 @@ class PerExampleGradNorms:
                 "(`attach()` or `with PerExampleGradNorms(model):`) before reading them."
             )
         return self._records[index]
+
+
+_COMPILED_REASON = "the per-example hooks do not see inside compiled code, and the norms would be wrong."
+
+
+def compiled_model_refusal(parts: Sequence[str]) -> str:
+    """Why a model compiled with ``torch.compile`` cannot be measured per example; the caller adds the remedy.
+
+    Args:
+        parts: the compiled modules, as :func:`~lightning_gns._compat.dynamo.compiled_parts` names them.
+
+    Returns:
+        ``"cannot measure a model compiled with torch.compile (compiled: ...): ..."``, a sentence to follow a
+        subject (``"PerExampleGradNorms"``).
+    """
+    return f"cannot measure a model compiled with torch.compile (compiled: {', '.join(parts)}): {_COMPILED_REASON}"
 
 
 def _device_type(grads: tuple[Tensor | None, ...]) -> str:
