@@ -15,9 +15,10 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
-  echo "setup: installing torch==2.13.0, then lightning-gns[dev] (editable)" >&2
+  echo "setup: installing torch==2.13.0, then lightning-gns[dev,models] (editable)" >&2
   "${pip[@]}" --upgrade pip
   "${pip[@]}" "torch==2.13.0"
-  "${pip[@]}" -e "$root[dev]"
+  # The models extra lets the tests cover Hugging Face models too; the pins keep torch and the tested transformers.
+  "${pip[@]}" -e "$root[dev,models]" "torch==2.13.0" "transformers==5.3.0"
   echo "$want" >"$stamp"
 fi
