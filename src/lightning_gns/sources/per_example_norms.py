@@ -600,19 +600,9 @@ class PerExampleGradNorms:
     def _on_forward(
         self, unit: _Unit, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
-        ops = None
-        op_stack = self._op_captures.get(id(unit))
-        if op_stack:
-            ops = op_stack.pop()
-            if ops is not None:
-                ops.__exit__(None, None, None)
-        captured = None
-        stack = self._captures.get(id(unit))
-        if stack:
-            capture = stack.pop()
-            if capture is not None:
-                capture.__exit__(None, None, None)
-                captured = capture.captured
+        ops = _close_innermost(self._op_captures.get(id(unit)))
+        capture = _close_innermost(self._captures.get(id(unit)))
+        captured = capture.captured if capture is not None else None
         slot = None
         layer_node = output.grad_fn if isinstance(output, Tensor) else None
         fusing = self._fusing.get(id(unit))
@@ -1138,6 +1128,16 @@ def compiled_model_refusal(parts: Sequence[str]) -> str:
         subject (``"PerExampleGradNorms"``).
     """
     return f"cannot measure a model compiled with torch.compile (compiled: {', '.join(parts)}): {_COMPILED_REASON}"
+
+
+def _close_innermost(stack: list[Any] | None) -> Any:
+    """Leave the capture that this module call's pre-hook opened (the innermost one: calls can nest)."""
+    if not stack:
+        return None
+    capture = stack.pop()
+    if capture is not None:
+        capture.__exit__(None, None, None)
+    return capture
 
 
 def _device_type(grads: tuple[Tensor | None, ...]) -> str:
