@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_gns.sources.per_example_norms import PerExampleGradNorms
+from lightning_gns.sources.rules.ops import OpCall
 
 
 class Conv1D(nn.Module):
@@ -247,3 +249,17 @@ def test_dropout_inside_a_module_measured_op_by_op_is_exact_and_draws_as_without
     exact = sum(g.reshape(g.shape[0], -1).square().sum(1) for g in grads.values())
     torch.testing.assert_close(norms.sq_norms(), exact, rtol=1e-6, atol=0)
     assert set(norms.sq_norms_by_module()) == {"embed", "head"}
+
+
+def test_a_projection_op_by_op_builds_no_per_example_gradient():
+    """Conv1D's weight and bias each have a norm without building G_i: nothing is materialised (GPT-2's cost)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(Conv1D(7, 5), nn.Tanh(), Conv1D(3, 7)).double()
+    x = torch.randn(4, 6, 5, dtype=torch.float64)
+    with (
+        mock.patch.object(OpCall, "per_example_grads", side_effect=AssertionError("built per-example gradients")),
+        PerExampleGradNorms(model, strict=True) as norms,
+    ):
+        model(x).square().sum().backward()
+    torch.testing.assert_close(norms.sq_norms(), exact_sq_norms(model, x), rtol=1e-9, atol=0)
+    assert set(norms.sq_norms_by_module()) == {"0", "2"}

@@ -89,6 +89,7 @@ from lightning_gns.sources.rules.registry import (
     SavedStatsRule,
     get_rule_spec,
 )
+from lightning_gns.sources.rules.shared import OuterTerms, combined_sq_norm
 
 __all__ = [
     "NormRuleFallbackWarning",
@@ -988,24 +989,41 @@ class PerExampleGradNorms:
     def _combined_sq_norm(self, group: _Group, calls: list[tuple[_Call, tuple[Tensor | None, ...]]]) -> Tensor:
         if len(calls) == 1:
             return self._single_call_sq_norm(*calls[0])
-        # Per-example gradients add up over calls (and over tied units) before squaring.
-        summed: dict[int, Tensor] = {}
+        # Per-example gradients add up over calls (and over tied units) before squaring: each call gives them as
+        # factors where its rule can (Linear, Embedding), else built by the replay.
+        by_param: dict[int, list[OuterTerms | Tensor]] = {}
         for call, grads in calls:
-            per_call = self._replay(call, grads)
-            for name, value in per_call.items():
-                key = id(call.unit.params[name])
-                if key in summed and summed[key].shape != value.shape:
-                    raise ValueError(
-                        f"The calls of `{group.name}` in one backward pass saw different batch sizes "
-                        f"({summed[key].shape[0]} and {value.shape[0]}); per-example norms need every call to see "
-                        "the same N examples along dim 0."
-                    )
-                summed[key] = summed[key] + value if key in summed else value
-        weights = None
-        if self.preconditioner is not None:
-            by_id = {id(p): self.preconditioner(p) for p in group.params}
-            weights = {str(key): w for key, w in by_id.items() if key in summed and w is not None}
-        return sq_norm_of_grads({str(key): value for key, value in summed.items()}, weights)
+            for name, value in self._per_example_terms(call, grads).items():
+                by_param.setdefault(id(call.unit.params[name]), []).append(value)
+        params = {id(p): p for p in group.params}
+        total: Tensor | None = None
+        for key, terms in by_param.items():
+            weight = None if self.preconditioner is None else self.preconditioner(params[key])
+            try:
+                value = combined_sq_norm(terms, weight)
+            except ValueError as err:
+                raise ValueError(f"`{group.name}`: {err}") from err
+            total = value if total is None else total + value
+        assert total is not None  # the calls had parameters
+        return total
+
+    def _per_example_terms(self, call: _Call, grads: tuple[Tensor | None, ...]) -> dict[str, OuterTerms | Tensor]:
+        """One call's per-example gradients of each of its unit's parameters: factors where the spec has them."""
+        unit = call.unit
+        outer_terms = None if unit.spec is None else unit.spec.outer_terms
+        grad_output = grads[0] if grads else None
+        if outer_terms is not None and call.ops is None and call.captured is None and grad_output is not None:
+            assert call.args is not None  # released only after use
+            try:
+                with torch.no_grad(), _autocast_off(grad_output.device.type):
+                    terms = outer_terms(unit.module, call.args, grad_output)
+            except Exception as err:
+                raise _MeasurementFailed(
+                    f"The outer-terms rule for `{unit.name}` ({type(unit.module).__name__}) failed: {err}"
+                ) from err
+            if terms is not None and terms.keys() >= unit.params.keys():
+                return {name: terms[name] for name in unit.params}
+        return dict(self._replay(call, grads))
 
     def _replay(self, call: _Call, grads: tuple[Tensor | None, ...]) -> dict[str, Tensor]:
         unit = call.unit

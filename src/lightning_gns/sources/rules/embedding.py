@@ -71,6 +71,37 @@ def embedding_sq_norm(
     )
 
 
+def embedding_rows(
+    ids: Tensor,
+    grad_output: Tensor,
+    num_embeddings: int,
+    padding_idx: int | None = None,
+    scale_grad_by_freq: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The ids ``[N, T]`` and the rows ``[N, T, D]`` (accumulation dtype) that each example adds into the table.
+
+    The output gradient of each position, zero at ``padding_idx`` and divided by the id's count in the whole
+    batch with ``scale_grad_by_freq``, as PyTorch's embedding backward does.
+
+    Example::
+
+        >>> ids, rows = embedding_rows(torch.tensor([[1, 0]]), torch.ones(1, 2, 3), 4, padding_idx=0)
+        >>> rows.sum((1, 2))
+        tensor([3.])
+    """
+    dtype = accumulation_dtype(grad_output)
+    batch, dim = grad_output.shape[0], grad_output.shape[-1]
+    ids = ids.reshape(batch, -1)
+    grad = grad_output.reshape(batch, -1, dim).to(dtype)
+    if padding_idx is not None:
+        grad = grad * (ids != padding_idx).unsqueeze(-1)
+    if scale_grad_by_freq:
+        counts = torch.zeros(num_embeddings, dtype=dtype, device=ids.device)
+        counts.index_add_(0, ids.reshape(-1), torch.ones(ids.numel(), dtype=dtype, device=ids.device))
+        grad = grad / counts[ids].unsqueeze(-1)
+    return ids, grad
+
+
 def embedding_ids_sq_norm(
     ids: Tensor,
     grad_output: Tensor,
@@ -99,16 +130,8 @@ def embedding_ids_sq_norm(
         >>> embedding_ids_sq_norm(torch.tensor([[1, 1], [1, 2]]), torch.ones(2, 2, 2), num_embeddings=5)
         tensor([8., 4.])
     """
-    dtype = accumulation_dtype(grad_output)
-    batch, dim = grad_output.shape[0], grad_output.shape[-1]
-    ids = ids.reshape(batch, -1)
-    grad = grad_output.reshape(batch, -1, dim).to(dtype)
-    if padding_idx is not None:
-        grad = grad * (ids != padding_idx).unsqueeze(-1)
-    if scale_grad_by_freq:
-        counts = torch.zeros(num_embeddings, dtype=dtype, device=ids.device)
-        counts.index_add_(0, ids.reshape(-1), torch.ones(ids.numel(), dtype=dtype, device=ids.device))
-        grad = grad / counts[ids].unsqueeze(-1)
+    ids, grad = embedding_rows(ids, grad_output, num_embeddings, padding_idx, scale_grad_by_freq)
+    dtype, dim = grad.dtype, grad.shape[-1]
     if weight is not None:
         weight = weight.to(dtype)
     if ids.shape[1] == 1:

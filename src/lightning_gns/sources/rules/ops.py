@@ -34,7 +34,7 @@ engine measures it with the :mod:`torch.func` fallback instead: never a silently
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,10 +130,16 @@ class OpCall:
                     by_param.setdefault(use.name, []).append((use, record.grad))
         return by_param
 
-    def per_example_grads(self) -> dict[str, Tensor]:
-        """Each used parameter's per-example gradient, ``{name: [N, *param.shape]}``, summed over its uses."""
+    def per_example_grads(self, names: Collection[str] | None = None) -> dict[str, Tensor]:
+        """Each used parameter's per-example gradient, ``{name: [N, *param.shape]}``, summed over its uses.
+
+        Args:
+            names: build only these parameters' (default: all used).
+        """
         grads: dict[str, Tensor] = {}
         for name, uses in self._uses_by_param().items():
+            if names is not None and name not in names:
+                continue
             total = None
             for use, grad_output in uses:
                 value = use.per_example(grad_output)
@@ -158,8 +164,7 @@ class OpCall:
             else:
                 materialise[name] = uses
         if materialise:
-            grads = {name: grad for name, grad in self.per_example_grads().items() if name in materialise}
-            for name, grad in grads.items():
+            for name, grad in self.per_example_grads(materialise).items():
                 dtype = accumulation_dtype(grad)
                 weight = None if weights is None or name not in weights else weights[name].to(dtype)
                 part = weighted_sum_sq(grad.to(dtype), weight)
@@ -575,7 +580,11 @@ def _bias_use(source: tuple[str, Pullback | None], n: int) -> _Use:
     def per_example(g: Tensor) -> Tensor:
         return g.reshape(n, -1, g.shape[-1]).to(accumulation_dtype(g)).sum(1)
 
-    return _Use(source[0], source[1], per_example)
+    def sq_norm(g: Tensor, weight: Tensor | None) -> Tensor:
+        summed = per_example(g)
+        return weighted_sum_sq(summed, None if weight is None else weight.to(summed.dtype))
+
+    return _Use(source[0], source[1], per_example, sq_norm if source[1] is None else None)
 
 
 def _sum_to_example(value: Tensor, n: int, shape: tuple[int, ...]) -> Tensor:

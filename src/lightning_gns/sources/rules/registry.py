@@ -16,6 +16,10 @@ do all that a built-in one does:
   (:class:`SavedStatsRule`; LayerNorm and GroupNorm read their mean and rstd);
 - ``fused``: a form that builds the per-example gradients of ``weight`` and ``bias`` anyway and hands autograd
   their sums (:class:`FusedRule`; convolutions, GroupNorm, Linear on sequences).
+- ``outer_terms``: the per-example gradients as factors (:class:`~lightning_gns.sources.rules.shared.OuterTerms`,
+  ``Σ_t l_t r_tᵀ``), for a parameter used by several calls in one forward (tied embeddings and heads, a module
+  called twice): the engine combines the calls by Gram products instead of replaying them with
+  :mod:`torch.func` (Linear, Embedding).
 
 Lookup is by exact type, so a subclass with a different forward never silently inherits a rule that does not
 fit it: register it explicitly.
@@ -62,6 +66,7 @@ from lightning_gns.sources.rules.normalization import (
     layer_norm_sq_norm_from_stats,
     rms_norm_sq_norm,
 )
+from lightning_gns.sources.rules.shared import OuterTermsRule, embedding_outer_terms, linear_outer_terms
 
 __all__ = [
     "CallRule",
@@ -191,13 +196,18 @@ class NormRuleSpec:
     capture: Callable[[nn.Module], ForwardCapture] | None = None
     from_saved_stats: SavedStatsRule | None = None
     fused: FusedRule | None = None
+    outer_terms: OuterTermsRule | None = None
     weighted: bool | None = None
 
     def __post_init__(self) -> None:
         if self.sq_norm is None and self.call is None:
             raise ValueError("A `NormRuleSpec` needs `sq_norm=` (one input, one output) or `call=` (any call).")
-        if self.sq_norm is None and (self.fused is not None or self.from_saved_stats is not None):
-            raise ValueError("`fused=` and `from_saved_stats=` are forms of `sq_norm=`: give `sq_norm` too.")
+        if self.sq_norm is None and (
+            self.fused is not None or self.from_saved_stats is not None or self.outer_terms is not None
+        ):
+            raise ValueError(
+                "`fused=`, `from_saved_stats=` and `outer_terms=` are forms of `sq_norm=`: give `sq_norm` too."
+            )
         if self.capture is not None and self.call is None:
             raise ValueError("`capture=` needs `call=` for the calls the capture does not cover.")
         if self.weighted is None:
@@ -268,6 +278,7 @@ def register_norm_rule(
     overwrite: bool = False,
     from_saved_stats: SavedStatsRule | None = None,
     fused: FusedRule | None = None,
+    outer_terms: OuterTermsRule | None = None,
 ) -> Callable[[NormRule], NormRule]:
     """Decorator that registers a per-example norm rule for one or more module classes.
 
@@ -278,6 +289,8 @@ def register_norm_rule(
             :class:`SavedStatsRule`).
         fused: a form that also hands autograd the batch gradients of ``weight`` and ``bias`` (see
             :class:`FusedRule`).
+        outer_terms: the per-example gradients as factors, for parameters shared between calls (see
+            :class:`~lightning_gns.sources.rules.shared.OuterTerms`).
 
     Returns:
         A decorator that registers the rule (as ``NormRuleSpec(sq_norm=rule, ...)``) and returns it unchanged.
@@ -307,7 +320,7 @@ def register_norm_rule(
     _check_classes(module_classes, "register_norm_rule")
 
     def decorator(rule: NormRule) -> NormRule:
-        spec = NormRuleSpec(sq_norm=rule, from_saved_stats=from_saved_stats, fused=fused)
+        spec = NormRuleSpec(sq_norm=rule, from_saved_stats=from_saved_stats, fused=fused, outer_terms=outer_terms)
         register_rule_spec(*module_classes, spec=spec, overwrite=overwrite)
         return rule
 
@@ -448,11 +461,12 @@ def _register_builtins() -> None:
         fused=FusedRule(
             _sums_only(linear_sq_norm_and_grads), linear_batch_grads, linear_input_grad, linear_fuses_weight_grads
         ),
+        outer_terms=linear_outer_terms,
     )
     register_rule_spec(nn.Linear, NonDynamicallyQuantizableLinear, spec=linear)
     conv = NormRuleSpec(sq_norm=conv_sq_norm, fused=FusedRule(_sums_only(conv_sq_norm_and_grads), conv_batch_grads))
     register_rule_spec(nn.Conv1d, nn.Conv2d, nn.Conv3d, spec=conv)
-    register_rule_spec(nn.Embedding, spec=NormRuleSpec(sq_norm=embedding_sq_norm))
+    register_rule_spec(nn.Embedding, spec=NormRuleSpec(sq_norm=embedding_sq_norm, outer_terms=embedding_outer_terms))
     layer_norm_stats = SavedStatsRule(layer_norm_saved_stats, layer_norm_sq_norm_from_stats)
     register_rule_spec(nn.LayerNorm, spec=NormRuleSpec(sq_norm=layer_norm_sq_norm, from_saved_stats=layer_norm_stats))
     register_rule_spec(nn.RMSNorm, spec=NormRuleSpec(sq_norm=rms_norm_sq_norm))
