@@ -189,12 +189,15 @@ def test_queue_engine_callback():
 
 
 def test_saved_tensors_hooks_active():
-    assert saved_tensors_hooks_active() is False
+    # torch 2.5 cannot tell and answers True (the safe side: saved tensors are then never unpacked by the engine).
+    askable = hasattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
+    assert askable or torch.__version__ < (2, 13)
+    assert saved_tensors_hooks_active() is not askable
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         assert saved_tensors_hooks_active() is True
     with torch.autograd.graph.save_on_cpu():
         assert saved_tensors_hooks_active() is True
-    assert saved_tensors_hooks_active() is False
+    assert saved_tensors_hooks_active() is not askable
 
 
 def test_is_view():

@@ -157,14 +157,14 @@ def queue_engine_callback(callback: Callable[[], None]) -> None:
 def saved_tensors_hooks_active() -> bool:
     """Whether saved-tensor hooks (checkpointing, CPU offloading) pack what the forward saves right now.
 
-    Checked on torch 2.5.0-2.13.0 (``torch._C._autograd._top_saved_tensors_default_hooks``). A torch without the
-    function answers ``True``: the caller then assumes hooks are there and does not unpack saved tensors itself.
+    Checked on torch 2.5.0-2.13.0: exact where torch can be asked
+    (``torch._C._autograd._top_saved_tensors_default_hooks``: 2.13.0 can, 2.5.0 cannot); a torch that cannot be
+    asked always answers ``True``: the caller then assumes hooks are there and does not unpack saved tensors
+    itself (LayerNorm and GroupNorm recompute their statistics instead of reading them).
 
     Example::
 
         >>> import torch
-        >>> saved_tensors_hooks_active()
-        False
         >>> with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         ...     saved_tensors_hooks_active()
         True
