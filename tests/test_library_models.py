@@ -246,7 +246,7 @@ CASES = {
         _lm_case("litgpt_pythia", _litgpt(**LITGPT_PYTHIA)),
     ]
 }
-FLOAT32_CASES = ["gpt2", "llama"]
+FLOAT32_CASES = list(CASES)
 
 
 # ---------------------------------------------------------------------------------------------------- dropout
