@@ -30,7 +30,7 @@ temporary folder unless ``--out`` is given).
 
 Usage::
 
-    python benchmarks/bench_fusion.py                # batch 32 CNN at 32x32, T=256 width 128, MLP width 512
+    python benchmarks/bench_fusion.py --threads 1    # batch 32 CNN at 32x32, T=256 width 128, MLP width 512
     python benchmarks/bench_fusion.py --quick        # tiny sizes, 2 rounds: a smoke test of a few seconds
     python benchmarks/bench_fusion.py --models cnn --repeats 15 --threads 1
     ./run bench-fusion [args]
@@ -70,7 +70,7 @@ FUSABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm)
 
 @dataclass(frozen=True)
 class Sizes:
-    batch: int = 32  # cnn and mlp
+    batch: int = 32  # cnn
     image: int = 32
     channels: int = 64
     seq_batch: int = 8
@@ -78,10 +78,13 @@ class Sizes:
     width: int = 128
     layers: int = 2
     vocab: int = 256
+    mlp_batch: int = 128
     mlp_width: int = 512
 
 
-QUICK = Sizes(batch=4, image=8, channels=8, seq_batch=2, seq=32, width=16, layers=1, vocab=32, mlp_width=32)
+QUICK = Sizes(
+    batch=4, image=8, channels=8, seq_batch=2, seq=32, width=16, layers=1, vocab=32, mlp_batch=4, mlp_width=32
+)
 
 
 # ------------------------------------------------------------------------------------------------------- models
@@ -207,9 +210,9 @@ def make_model(name: str, s: Sizes, device: torch.device) -> Model:
         desc += f", batch {s.seq_batch}"
     elif name == "mlp":
         model = MLP(s.mlp_width)
-        x = torch.randn(s.batch, s.mlp_width)
-        y = torch.randint(0, 10, (s.batch,))
-        desc = f"MLP, 3 hidden Linear of width {s.mlp_width} on flat inputs, batch {s.batch}"
+        x = torch.randn(s.mlp_batch, s.mlp_width)
+        y = torch.randint(0, 10, (s.mlp_batch,))
+        desc = f"MLP, 3 hidden Linear of width {s.mlp_width} on flat inputs, batch {s.mlp_batch}"
     else:
         raise ValueError(f"Unknown model {name!r}; expected one of {MODELS}.")
     n_params = sum(p.numel() for p in model.parameters())
