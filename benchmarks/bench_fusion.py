@@ -450,10 +450,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated of {MODELS}")
     parser.add_argument("--quick", action="store_true", help=f"tiny sizes ({QUICK}), 2 rounds: a smoke test")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 9; quick 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 15; quick 2)")
     parser.add_argument("--inner", type=int, default=None, help="steps per method per round (default 3; quick 1)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per method (default 2; quick 1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; 1 on a shared machine)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--out", type=Path, default=None, help="folder for fusion.{md,json}")
     return parser.parse_args(argv)
@@ -463,7 +465,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     """Run the benchmark from the command line; see ``--help``."""
     args = _parse_args(argv)
     sizes = QUICK if args.quick else Sizes()
-    repeats = args.repeats or (2 if args.quick else 9)
+    repeats = args.repeats or (2 if args.quick else 15)
     inner = args.inner or (1 if args.quick else 3)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     device = torch.device(args.device)
