@@ -29,7 +29,9 @@ from lightning_gns.sources.rules import conv, registry
 from lightning_gns.sources.rules.linear import linear_fuses_weight_grads
 from tests.conftest import NUM_PROCESSES, free_port, setup_ddp
 from tests.helpers.per_example import (
+    MLP,
     SmallCNN,
+    TransformerBlock,
     cross_entropy_per_example,
     random_weights,
     sq_norms_by_loop,
@@ -325,13 +327,39 @@ def test_linear_tied_to_an_embedding():
     )
 
 
-def test_off_switch_leaves_autograd_alone():
-    model, x, y = convs(dtype=torch.float32)
+def _mlp() -> tuple[nn.Module, Tensor, Tensor]:
+    return MLP(), torch.randn(5, 6), torch.randint(0, 3, (5,))
+
+
+def _small_cnn() -> tuple[nn.Module, Tensor, Tensor]:
+    return SmallCNN(), torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))
+
+
+def _transformer() -> tuple[nn.Module, Tensor, Tensor]:
+    ids = torch.randint(0, 13, (5, 8))
+    return TransformerBlock(), ids, ids
+
+
+OFF_SWITCH_MODELS = {
+    "convs": lambda: convs(dtype=torch.float32),
+    "seqs": lambda: seqs(dtype=torch.float32),
+    "group_norm": lambda: norms(dtype=torch.float32),
+    "mlp": _mlp,
+    "small_cnn": _small_cnn,
+    "transformer": _transformer,
+}
+
+
+@pytest.mark.parametrize("kind", list(OFF_SWITCH_MODELS))
+def test_off_switch_leaves_autograd_alone(kind):
+    # fuse_weight_grads=False: every parameter's .grad is bit-for-bit plain autograd's, whatever the layers are.
+    model, x, y = OFF_SWITCH_MODELS[kind]()
     plain = copy.deepcopy(model)
     cnn_step(x, y)(plain)
     with PerExampleGradNorms(model, fuse_weight_grads=False) as norms:
         assert norms.fuse_weight_grads is False
         cnn_step(x, y)(model)
+    assert len(norms) == 1
     for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad), name
 
