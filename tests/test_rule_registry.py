@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_gns._compat.autograd import saved_tensors_hooks_active
 from lightning_gns.sources.per_example_norms import PerExampleGradNorms
 from lightning_gns.sources.rules import (
     FusedRule,
@@ -108,7 +109,9 @@ def test_a_built_in_spec_registered_for_a_subclass_keeps_every_capability():
     torch.testing.assert_close(got, exact, rtol=1e-9, atol=0)
     # 48 positions of width 6 -> 8: the sequence Linear fuses under the engine (and not in the plain forward after).
     assert fused == [True, False]
-    assert read == [1]  # the LayerNorm subclass read its node's saved mean and rstd
+    # The LayerNorm subclass read its node's saved mean and rstd, where torch can say that no saved-tensor hooks
+    # hold them (torch 2.5 cannot: the rule recomputes them, exactly as well).
+    assert read == ([] if saved_tensors_hooks_active() else [1])
 
 
 def test_a_call_rule_with_keyword_arguments_and_two_outputs():
